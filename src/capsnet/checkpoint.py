@@ -1,0 +1,66 @@
+"""Checkpoints: plain dicts of tensors and numbers, written atomically, read without pickle code."""
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, from_dict
+from .errors import CapsNetError
+
+FORMAT = "capsnet-checkpoint"
+VERSION = 1
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint with weights_only=True: a file that is not ours fails in one line, running no code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CapsNetError(f"{path}: no such checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, io.UnsupportedOperation) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CapsNetError(f"{path}: not a capsnet checkpoint or corrupt ({first[:160]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CapsNetError(f"{path}: not a capsnet checkpoint")
+    if obj.get("version", 0) > VERSION:
+        raise CapsNetError(f"{path}: written by a newer capsnet (format version {obj['version']})")
+    return obj
+
+
+def model_payload(model, *, epoch: int, val_acc: float | None) -> dict:
+    """What model.pt holds: enough to rebuild and run the model, nothing to resume training."""
+    from .config import to_dict
+
+    return {"format": FORMAT, "version": VERSION, "kind": "model", "model_config": to_dict(model.cfg),
+            "model": model.state_dict(), "epoch": epoch, "val_acc": val_acc}
+
+
+def build_model(ckpt: dict, path: Path | str = "checkpoint"):
+    """Rebuild a CapsNet from a checkpoint's own config and load its weights."""
+    from .model import CapsNet
+
+    try:
+        cfg = from_dict(ModelConfig, ckpt["model_config"])
+        model = CapsNet(cfg)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CapsNetError(f"{path}: weights do not fit the architecture it describes ({first[:160]})") from None
+    return model
+
+
+def load_model(path: Path | str):
+    """A trained CapsNet from a run directory (its model.pt) or a checkpoint file, in eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+        if not path.exists():
+            raise CapsNetError(f"{path.parent}: no model.pt in this run directory (has training finished an epoch?)")
+    elif not path.exists():
+        raise CapsNetError(f"{path}: no such run directory or checkpoint")
+    return build_model(load_checkpoint(path), path).eval()

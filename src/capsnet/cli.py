@@ -1,0 +1,193 @@
+"""The `capsnet` command: argv -> configs -> the library's functions. The only argparse here."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import CapsNetError
+
+# Model flags: None means "not given", so --resume can tell a conflicting flag from a default.
+MODEL_FLAGS = {"routing_iters": "--routing-iters", "shared_weights": "--shared-weights",
+               "leaky_relu": "--leaky-relu", "detach_routing": "--detach-routing", "reconstruct": "--no-reconstruct"}
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-g", "--gpu", type=int, default=None, help="GPU index, -1 for the CPU (the seed's flag)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--data-dir", type=Path, default=None, help="data cache (default $CAPSNET_DATA or ~/.cache/capsnet)")
+    p.add_argument("--precision", default=None, help="auto (default: bf16 where fast), bf16, fp32 or tf32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capsnet", description="Capsule networks with dynamic routing.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a CapsNet; writes a run directory")
+    t.add_argument("-e", "--epoch", type=_non_negative, default=None, help="epochs (default 10)")
+    t.add_argument("-b", "--batchsize", type=_positive, default=None, help="batch size (default 256)")
+    t.add_argument("-d", "--decay", type=float, default=None, help="learning-rate decay per epoch (default 0.95)")
+    t.add_argument("--lr", type=float, default=None, help="initial learning rate (default 1e-3)")
+    t.add_argument("-s", "--seed", type=int, default=None, help="random seed (default 789)")
+    t.add_argument("--save", type=Path, default=None, help="run directory (default runs/<dataset>)")
+    t.add_argument("--resume", type=Path, default=None, help="continue the run in this directory")
+    t.add_argument("--force", action="store_true", help="start over in a --save directory that holds a run")
+    t.add_argument("--limit", type=_non_negative, default=None, help="use only the first N training images")
+    t.add_argument("--val", type=_non_negative, default=None, help="images held out for validation (default 5000)")
+    t.add_argument("--dataset", default=None, help="mnist (default)")
+    t.add_argument("--routing-iters", type=_positive, default=None, help="routing iterations (default 3)")
+    t.add_argument("--shared-weights", action="store_const", const=True, default=None,
+                   help="one transformation matrix per capsule type (the Chainer port) instead of per capsule")
+    t.add_argument("--leaky-relu", action="store_const", const=True, default=None, help="leaky ReLU (0.05) after conv1")
+    t.add_argument("--detach-routing", action="store_const", const=True, default=None,
+                   help="no gradient through u_hat in the inner routing iterations")
+    t.add_argument("--reconstruct", dest="reconstruct", action="store_const", const=True, default=None,
+                   help="train with the reconstruction loss (the default)")
+    t.add_argument("--no-reconstruct", dest="reconstruct", action="store_const", const=False,
+                   help="no decoder, margin loss only")
+    t.add_argument("--test-every-epoch", action="store_true", help="log test accuracy each epoch (curves only)")
+    t.add_argument("--visualize", action="store_true", help="write the pictures into the run directory at the end")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    _device_args(t)
+
+    e = sub.add_parser("evaluate", help="test accuracy of a trained model")
+    e.add_argument("--load", type=Path, required=True, help="run directory or checkpoint")
+    e.add_argument("-b", "--batchsize", type=_positive, default=500)
+    _device_args(e)
+
+    v = sub.add_parser("visualize", help="reconstruction pictures of a trained model")
+    v.add_argument("--load", type=Path, required=True, help="run directory or checkpoint")
+    v.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: the run directory)")
+    _device_args(v)
+
+    d = sub.add_parser("data", help="fetch and verify a data set into the cache")
+    d.add_argument("--dataset", default="mnist")
+    d.add_argument("--data-dir", type=Path, default=None)
+    return parser
+
+
+def _device(args):
+    from .runtime import resolve_device
+
+    return resolve_device(args.device, args.gpu)
+
+
+def cmd_train(args) -> int:
+    from dataclasses import replace
+
+    from .config import TrainConfig
+    from .data import load_dataset
+    from .train import configs_from_state, fit, model_config_for, prepare_run_dir, resume_state
+
+    device = _device(args)
+    train_overrides = {"epochs": args.epoch, "batch_size": args.batchsize, "lr_decay": args.decay, "lr": args.lr,
+                       "seed": args.seed, "limit": args.limit, "val_size": args.val, "dataset": args.dataset,
+                       "precision": args.precision, "test_every_epoch": args.test_every_epoch or None}
+    train_overrides = {k: v for k, v in train_overrides.items() if v is not None}
+    model_overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+
+    if args.resume is not None:
+        if args.save is not None and args.save.resolve() != args.resume.resolve():
+            raise CapsNetError("--save and --resume name different directories; a resumed run stays where it is")
+        run_dir = args.resume
+        state = resume_state(run_dir)
+        model_cfg, cfg = configs_from_state(state)
+        for key, value in model_overrides.items():
+            if getattr(model_cfg, key) != value:
+                raise CapsNetError(f"{run_dir}: the checkpoint was trained with {key}={getattr(model_cfg, key)}; "
+                                   f"{MODEL_FLAGS[key]} asks for {value}. Start a new run instead")
+        for key, value in train_overrides.items():
+            if key not in ("epochs", "test_every_epoch") and getattr(cfg, key) != value:
+                raise CapsNetError(f"{run_dir}: the run was started with {key}={getattr(cfg, key)}; "
+                                   f"resuming with {value} would not continue it")
+        cfg = replace(cfg, **{k: v for k, v in train_overrides.items() if k in ("epochs", "test_every_epoch")})
+    else:
+        state = None
+        cfg = TrainConfig(**train_overrides)
+        run_dir = args.save or Path("runs") / cfg.dataset
+        prepare_run_dir(run_dir, force=args.force)
+
+    data = load_dataset(cfg.dataset, args.data_dir, log=print)
+    if state is None:
+        model_cfg = model_config_for(data, **model_overrides)
+    fit(model_cfg, cfg, data, run_dir, device, resume=state, argv=sys.argv[1:], verbose=not args.quiet)
+    if args.visualize:
+        from .viz import write_all
+
+        paths = write_all(run_dir, data, run_dir, device)
+        if not args.quiet:
+            print(f"wrote {len(paths)} pictures to {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .checkpoint import load_model
+    from .config import TrainConfig
+    from .data import load_dataset
+    from .runtime import resolve_precision
+    from .train import evaluate
+
+    device = _device(args)
+    model = load_model(args.load).to(device)
+    data = load_dataset("mnist", args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
+    cfg = TrainConfig(eval_batch_size=args.batchsize)
+    precision = resolve_precision(args.precision or "auto", device)
+    ok, n = evaluate(model, data.test_images, data.test_labels, cfg, precision)
+    print(f"test accuracy {ok / n * 100:.2f}% ({n - ok} errors in {n}), {precision}")
+    return 0
+
+
+def cmd_visualize(args) -> int:
+    from .data import load_dataset
+    from .viz import write_all
+
+    device = _device(args)
+    data = load_dataset("mnist", args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
+    out = args.out or (args.load if args.load.is_dir() else args.load.parent)
+    paths = write_all(args.load, data, out, device)
+    print(f"wrote {len(paths)} pictures to {out}: " + ", ".join(p.name for p in paths[:3]) + ", ...")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import fetch_dataset
+
+    folder = fetch_dataset(args.dataset, args.data_dir)
+    print(f"{args.dataset}: verified in {folder}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "visualize": cmd_visualize, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CapsNetError as exc:
+        print(f"capsnet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("capsnet: interrupted; the last finished epoch is in last.pt (resume with --resume)", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("capsnet: error: out of memory; try a smaller --batchsize", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"capsnet: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
+              file=sys.stderr)
+        return 2

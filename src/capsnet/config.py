@@ -1,0 +1,105 @@
+"""Configuration: one frozen dataclass for the architecture, one for training.
+
+Sizes that follow from others (the number of primary capsules, for instance) are
+computed properties, never settings, so a config can't disagree with itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The paper's architecture (Sabour et al. 2017, section 4), sized from the data."""
+
+    in_channels: int = 1
+    image_size: int = 28
+    num_classes: int = 10
+    conv_channels: int = 256  # conv1: 256 filters, 9x9, stride 1
+    conv_kernel: int = 9
+    leaky_relu: bool = False  # the Chainer port's variant: slope 0.05 after conv1
+    leaky_slope: float = 0.05
+    primary_types: int = 32  # PrimaryCaps: 32 types of 8D capsules, 9x9, stride 2
+    primary_dim: int = 8
+    primary_kernel: int = 9
+    primary_stride: int = 2
+    digit_dim: int = 16  # DigitCaps: one 16D capsule per class
+    routing_iters: int = 3
+    shared_weights: bool = False  # one matrix per capsule type instead of per capsule
+    detach_routing: bool = False  # stop gradients through u_hat in the inner iterations
+    weight_init: float = 0.05  # transformation matrices drawn uniform in +-weight_init
+    reconstruct: bool = True
+    decoder_hidden: tuple[int, ...] = (512, 1024)
+
+    def __post_init__(self) -> None:
+        if self.primary_grid < 1:
+            raise ValueError(
+                f"image size {self.image_size} is too small for conv kernels "
+                f"{self.conv_kernel} and {self.primary_kernel}"
+            )
+        if self.routing_iters < 1:
+            raise ValueError("routing_iters must be at least 1")
+
+    @property
+    def conv_out(self) -> int:
+        return self.image_size - self.conv_kernel + 1  # 28 -> 20
+
+    @property
+    def primary_grid(self) -> int:
+        return (self.conv_out - self.primary_kernel) // self.primary_stride + 1  # 20 -> 6
+
+    @property
+    def num_primary(self) -> int:
+        return self.primary_types * self.primary_grid**2  # 32 * 6 * 6 = 1152
+
+    @property
+    def image_pixels(self) -> int:
+        return self.in_channels * self.image_size**2
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The training recipe. Defaults follow the Chainer port's README."""
+
+    dataset: str = "mnist"
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    lr_decay: float = 0.95  # multiplied in after every epoch ...
+    lr_min: float = 1e-5  # ... down to this floor
+    max_shift: int = 2  # random translation, pixels, drawn per image
+    seed: int = 789
+    val_size: int = 5000  # last images of the training set, held out for selection
+    limit: int = 0  # use only the first N training images (0 = all)
+    m_plus: float = 0.9
+    m_minus: float = 0.1
+    lambda_absent: float = 0.5
+    recon_weight: float = 0.0005
+    precision: str = "auto"  # auto | bf16 | fp32 | tf32
+    test_every_epoch: bool = False
+    eval_batch_size: int = 500
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a config, ignoring unknown keys (from a newer version) and restoring tuples."""
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+# Named recipes: changes on top of the defaults. Issue 4 tunes these.
+RECIPES: dict[str, dict] = {
+    "default": {},
+}
+__all__ = ["ModelConfig", "TrainConfig", "to_dict", "from_dict", "RECIPES"]

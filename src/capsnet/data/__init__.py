@@ -1,0 +1,72 @@
+"""Data sets as uint8 tensors in memory, and where they are cached."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CapsNetError
+
+
+@dataclass
+class Dataset:
+    """Images [n, c, h, w] uint8 and labels [n] int64, for a train and a test split."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+
+    @property
+    def in_channels(self) -> int:
+        return self.train_images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train_images.shape[2]
+
+    def subset(self, limit: int) -> "Dataset":
+        """The first `limit` training images (all of them for 0); the test split is kept."""
+        if limit <= 0:
+            return self
+        return Dataset(self.name, self.train_images[:limit], self.train_labels[:limit], self.test_images,
+                       self.test_labels, self.num_classes)
+
+
+DATASETS = ("mnist",)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("CAPSNET_DATA") or Path.home() / ".cache" / "capsnet")
+
+
+def _as_images(arr) -> torch.Tensor:
+    t = torch.from_numpy(arr.copy())
+    return t.unsqueeze(1) if t.dim() == 3 else t  # [n, h, w] -> [n, 1, h, w]
+
+
+def load_dataset(name: str = "mnist", data_dir: Path | None = None, log=print) -> Dataset:
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    if name == "mnist":
+        from . import mnist
+
+        arrays = mnist.load(data_dir, log)
+        labels = lambda key: torch.from_numpy(arrays[key].astype("int64"))  # noqa: E731
+        return Dataset("mnist", _as_images(arrays["train-images-idx3-ubyte"]), labels("train-labels-idx1-ubyte"),
+                       _as_images(arrays["t10k-images-idx3-ubyte"]), labels("t10k-labels-idx1-ubyte"), 10)
+    raise CapsNetError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+
+
+def fetch_dataset(name: str = "mnist", data_dir: Path | None = None, log=print) -> Path:
+    """Fetch and verify a data set into the cache; return its folder."""
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    if name == "mnist":
+        from . import mnist
+
+        mnist.fetch(data_dir, log)
+        return data_dir / "mnist"
+    raise CapsNetError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")

@@ -1,0 +1,63 @@
+"""Capsule layers: squash, PrimaryCaps, DigitCaps. Pure modules: no devices, no globals."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .routing import dynamic_routing, squash
+
+
+class PrimaryCaps(nn.Module):
+    """A convolution whose output channels are grouped into capsules, then squashed.
+
+    [b, c, h, w] -> [b, types * grid * grid, dim]; capsule index i = (type, row, col).
+    """
+
+    def __init__(self, *, in_channels: int, types: int, dim: int, kernel: int, stride: int):
+        super().__init__()
+        self.types, self.dim = types, dim
+        self.conv = nn.Conv2d(in_channels, types * dim, kernel, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)  # [b, types * dim, g, g]
+        b, _, g, _ = out.shape
+        out = out.view(b, self.types, self.dim, g, g)
+        out = out.permute(0, 1, 3, 4, 2).reshape(b, self.types * g * g, self.dim)  # [b, i, d]
+        return squash(out)
+
+
+class DigitCaps(nn.Module):
+    """Predictions u_hat_{j|i} = W_ij u_i (Eq. 2), then dynamic routing.
+
+    One matrix W_ij per (input capsule, class) as in the paper, or with shared=True one
+    per (capsule type, class): every position of a type uses the same matrices.
+    """
+
+    def __init__(self, *, in_caps: int, in_dim: int, out_caps: int, out_dim: int, routing_iters: int,
+                 types: int, shared: bool = False, detach_routing: bool = False, init_range: float = 0.05):
+        super().__init__()
+        self.in_caps, self.types, self.shared = in_caps, types, shared
+        self.routing_iters, self.detach_routing = routing_iters, detach_routing
+        rows = types if shared else in_caps
+        # W: [i or type, e, j*d]: u (in_dim e) times W gives all classes' predictions at once.
+        self.weight = nn.Parameter(torch.empty(rows, in_dim, out_caps * out_dim).uniform_(-init_range, init_range))
+        self.out_caps, self.out_dim = out_caps, out_dim
+
+    def predictions(self, u: torch.Tensor) -> torch.Tensor:
+        """u: [b, i, e] -> u_hat: [b, j, i, d]."""
+        b, i, e = u.shape
+        j, d = self.out_caps, self.out_dim
+        w = self.weight
+        if self.shared:
+            t = self.types
+            u_t = u.view(b, t, i // t, e).permute(1, 0, 2, 3).reshape(t, b * (i // t), e)  # [t, b*pos, e]
+            u_hat = torch.bmm(u_t, w)  # [t, b*pos, j*d]
+            u_hat = u_hat.view(t, b, i // t, j, d).permute(1, 3, 0, 2, 4).reshape(b, j, i, d)
+        else:
+            u_hat = torch.bmm(u.transpose(0, 1), w)  # [i, b, e] @ [i, e, j*d] -> [i, b, j*d]
+            u_hat = u_hat.view(i, b, j, d).permute(1, 2, 0, 3)  # [b, j, i, d]
+        return u_hat.contiguous()
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u: [b, i, e] primary capsules -> v: [b, j, d] output capsules."""
+        return dynamic_routing(self.predictions(u), self.routing_iters, detach_inner=self.detach_routing)

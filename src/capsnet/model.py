@@ -1,0 +1,82 @@
+"""CapsNet: conv1 -> PrimaryCaps -> DigitCaps (routing) -> lengths, and a masked decoder."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import DigitCaps, PrimaryCaps
+
+
+class CapsNetOutput(NamedTuple):
+    lengths: torch.Tensor  # [b, j] |v_j|: the probability that class j is present
+    poses: torch.Tensor  # [b, j, d] the digit capsules v_j
+    recon: torch.Tensor | None  # [b, c, h, w] decoder output, or None without a decoder
+
+
+class Decoder(nn.Module):
+    """Three fully connected layers from the masked digit capsules to the image (Fig. 2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        sizes = (cfg.num_classes * cfg.digit_dim, *cfg.decoder_hidden)
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip(sizes, sizes[1:]):
+            layers += [nn.Linear(n_in, n_out), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(sizes[-1], cfg.image_pixels), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers)
+        self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+
+    def forward(self, poses: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        """poses: [b, j, d]; select: [b] class whose capsule is kept, the others zeroed."""
+        mask = F.one_hot(select, poses.shape[1]).to(poses.dtype)  # [b, j]
+        flat = (poses * mask.unsqueeze(-1)).flatten(1)  # [b, j*d]
+        return self.net(flat).view(-1, *self.shape)
+
+
+class CapsNet(nn.Module):
+    def __init__(self, cfg: ModelConfig | None = None):
+        super().__init__()
+        cfg = cfg or ModelConfig()
+        self.cfg = cfg
+        self.conv1 = nn.Conv2d(cfg.in_channels, cfg.conv_channels, cfg.conv_kernel)
+        self.primary = PrimaryCaps(in_channels=cfg.conv_channels, types=cfg.primary_types, dim=cfg.primary_dim,
+                                   kernel=cfg.primary_kernel, stride=cfg.primary_stride)
+        self.digits = DigitCaps(in_caps=cfg.num_primary, in_dim=cfg.primary_dim, out_caps=cfg.num_classes,
+                                out_dim=cfg.digit_dim, routing_iters=cfg.routing_iters, types=cfg.primary_types,
+                                shared=cfg.shared_weights, detach_routing=cfg.detach_routing,
+                                init_range=cfg.weight_init)
+        self.decoder = Decoder(cfg) if cfg.reconstruct else None
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[b, c, h, w] -> primary capsules [b, i, 8]."""
+        h = self.conv1(images)
+        h = F.leaky_relu(h, self.cfg.leaky_slope) if self.cfg.leaky_relu else F.relu(h)
+        return self.primary(h)
+
+    def route(self, primary: torch.Tensor) -> torch.Tensor:
+        """[b, i, 8] -> digit capsules [b, j, 16], in float32 whatever the autocast."""
+        return self.digits(primary).float()
+
+    def reconstruct(self, poses: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        if self.decoder is None:
+            raise RuntimeError("this model was built without a decoder (reconstruct=False)")
+        return self.decoder(poses, select).float()
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> CapsNetOutput:
+        """Classify, and reconstruct through one capsule per image.
+
+        During training pass the true labels: the decoder then learns from the capsule of
+        the right class only (section 4.1), so it can't be helped by a wrong winner. At
+        evaluation (labels=None) it reconstructs through the longest capsule.
+        """
+        poses = self.route(self.encode(images))
+        lengths = poses.norm(dim=-1)  # [b, j]
+        recon = None
+        if self.decoder is not None:
+            select = labels if labels is not None else lengths.argmax(dim=1)
+            recon = self.reconstruct(poses, select)
+        return CapsNetOutput(lengths, poses, recon)

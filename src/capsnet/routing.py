@@ -1,0 +1,56 @@
+"""Dynamic routing between capsules (Sabour et al. 2017, Procedure 1)."""
+from __future__ import annotations
+
+import torch
+
+# Added under the square root in squash. Without it the gradient of |s| at s = 0 is
+# 0/0 = NaN (and a dead primary capsule is exactly zero after a ReLU'd conv); with it the
+# gradient is finite everywhere and the length stays below 1 (see tests).
+SQUASH_EPS = 1e-7
+
+
+def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, written as s * |s| / (1 + |s|^2).
+
+    Computed in float32 whatever the input precision: the ratio loses too much in bf16.
+    """
+    s32 = s.float()
+    sq = (s32 * s32).sum(dim=dim, keepdim=True)
+    v = s32 * torch.sqrt(sq + SQUASH_EPS) / (1.0 + sq)
+    return v.to(s.dtype)
+
+
+def dynamic_routing(u_hat: torch.Tensor, iterations: int, *, detach_inner: bool = False) -> torch.Tensor:
+    """Route predictions from input capsules i to output capsules j.
+
+    u_hat: [b, j, i, d] predictions u_hat_{j|i} (Eq. 2), output capsule first so that
+    both sums below are batched matrix products over contiguous memory.
+    Returns v: [b, j, d], the output capsules after squashing (Eq. 1).
+
+    The coupling coefficients c_ij are a softmax over the output capsules j (Eq. 3): each
+    input capsule distributes one unit of vote among its possible parents.
+
+    With detach_inner, the inner iterations (all but the last) see u_hat without its
+    gradient, a common variant; the paper's own code lets gradients through every one.
+    """
+    b, j, i, _ = u_hat.shape
+    logits = u_hat.new_zeros(b, j, i)  # b_ij, the routing logits, start at 0
+    for r in range(iterations):
+        last = r == iterations - 1
+        u = u_hat if (last or not detach_inner) else u_hat.detach()
+        c = torch.softmax(logits, dim=1)  # [b, j, i], sums to 1 over j
+        s = torch.einsum("bji,bjid->bjd", c, u)  # Eq. 2: s_j = sum_i c_ij u_hat_j|i
+        v = squash(s)  # [b, j, d]
+        if not last:
+            logits = logits + torch.einsum("bjid,bjd->bji", u, v)  # agreement u_hat . v
+    return v
+
+
+def coupling_coefficients(u_hat: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The couplings c_ij used in the last routing iteration: [b, j, i]. For inspection."""
+    b, j, i, _ = u_hat.shape
+    logits = u_hat.new_zeros(b, j, i)
+    for _ in range(iterations - 1):
+        v = squash(torch.einsum("bji,bjid->bjd", torch.softmax(logits, dim=1), u_hat))
+        logits = logits + torch.einsum("bjid,bjd->bji", u_hat, v)
+    return torch.softmax(logits, dim=1)

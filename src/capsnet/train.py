@@ -1,0 +1,317 @@
+"""One training loop: step -> train_one_epoch / evaluate -> fit (run directory, resume, selection)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .checkpoint import FORMAT, VERSION, load_checkpoint, model_payload
+from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .data import Dataset
+from .data.augment import random_shift
+from .errors import CapsNetError
+from .files import atomic_torch_save, write_json
+from .losses import capsule_loss
+from .model import CapsNet
+from .runtime import autocast, configure, describe, resolve_precision
+
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "model.pt", "summary.json")
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The random stream of one epoch (order and shifts), derived from (seed, epoch) alone.
+
+    Because nothing carries over from earlier epochs, a resumed run draws exactly what an
+    uninterrupted one would have.
+    """
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 1_000_003 + epoch)
+    return g
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """Exponential decay per epoch with a floor (epoch counts from 0)."""
+    return max(cfg.lr * cfg.lr_decay**epoch, cfg.lr_min)
+
+
+def to_input(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [b, c, h, w] -> float32 in [0, 1] on device."""
+    return images_u8.to(device, non_blocking=True).float().div_(255.0)
+
+
+def step(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, precision: str,
+         optimizer: torch.optim.Optimizer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch, shared by training (with an optimizer) and evaluation (without).
+
+    Returns (loss, number correct) as tensors, so a GPU is never made to wait for the host.
+    """
+    train = optimizer is not None
+    with autocast(images.device, precision):
+        # Training reconstructs through the true class; evaluation through the longest capsule.
+        out = model(images, labels if train else None)
+    loss, _, _ = capsule_loss(out.lengths, labels, out.recon, images, m_plus=cfg.m_plus, m_minus=cfg.m_minus,
+                              lambda_absent=cfg.lambda_absent, recon_weight=cfg.recon_weight)
+    if train:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    correct = (out.lengths.argmax(dim=1) == labels).sum()
+    return loss.detach(), correct
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    acc: float
+    seconds: float
+    images: int
+
+
+def train_one_epoch(model: CapsNet, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                    cfg: TrainConfig, epoch: int, precision: str, progress=None) -> EpochResult:
+    """One pass over (images, labels) in a fresh random order with fresh random shifts."""
+    device = next(model.parameters()).device
+    model.train()
+    gen = epoch_generator(cfg.seed, epoch, device)
+    n = images.shape[0]
+    order = torch.randperm(n, generator=gen, device=device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    start = time.perf_counter()
+    for first in range(0, n, cfg.batch_size):
+        idx = order[first:first + cfg.batch_size]
+        x = random_shift(to_input(images[idx.to(images.device)], device), cfg.max_shift, gen)
+        y = labels[idx.to(labels.device)].to(device, non_blocking=True)
+        loss, ok = step(model, x, y, cfg, precision, optimizer)
+        loss_sum += loss * len(idx)
+        correct += ok
+        if progress is not None:
+            progress(len(idx), loss)
+    seconds = time.perf_counter() - start
+    return EpochResult(loss_sum.item() / n, correct.item() / n, seconds, n)
+
+
+@torch.no_grad()
+def evaluate(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+             precision: str) -> tuple[int, int]:
+    """(number correct, number of images), unshifted, reconstructing through the winner."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for first in range(0, images.shape[0], cfg.eval_batch_size):
+        x = to_input(images[first:first + cfg.eval_batch_size], device)
+        y = labels[first:first + cfg.eval_batch_size].to(device)
+        correct += step(model, x, y, cfg, precision)[1]
+    model.train(was_training)
+    return int(correct.item()), images.shape[0]
+
+
+# ----------------------------------------------------------------------------------- run directory
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def prepare_run_dir(run_dir: Path, *, force: bool) -> None:
+    """Create the run directory, refusing one that already holds a run unless forced."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CapsNetError(f"{run_dir}: exists and is not a directory")
+    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if existing and not force:
+        raise CapsNetError(f"{run_dir}: already holds a run ({', '.join(existing)}); use --resume {run_dir} "
+                           f"to continue it or --force to start over")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CapsNetError(f"{run_dir}: cannot write there ({exc.strerror or exc})") from None
+    for name in existing:  # --force: the old run goes only now that the new one can start
+        (run_dir / name).unlink()
+
+
+def split_validation(data: Dataset, val_size: int):
+    """The last val_size training images are held out: (train_x, train_y, val_x, val_y)."""
+    n = data.train_images.shape[0]
+    if val_size < 0 or val_size >= n:
+        raise CapsNetError(f"--val {val_size} must be between 0 and {n - 1} (the training set has {n} images)")
+    cut = n - val_size
+    return data.train_images[:cut], data.train_labels[:cut], data.train_images[cut:], data.train_labels[cut:]
+
+
+def model_config_for(data: Dataset, **overrides) -> ModelConfig:
+    """Channels, size and classes from the data; the rest from overrides or defaults."""
+    return ModelConfig(in_channels=data.in_channels, image_size=data.image_size, num_classes=data.num_classes,
+                       **overrides)
+
+
+class EpochLog:
+    """A tqdm bar per epoch on a terminal; one plain line per epoch otherwise."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = None
+
+    def start(self, epoch: int, epochs: int, total: int):
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="img", leave=True,
+                            dynamic_ncols=True)
+            self.t0, self.seen = time.perf_counter(), 0
+            return self.update
+        return None
+
+    def update(self, n: int, loss: torch.Tensor):
+        self.seen += n
+        self.bar.update(n)
+        if self.bar.n == n or self.bar.n >= self.bar.total or self.seen % (n * 10) < n:
+            self.bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{self.seen / (time.perf_counter() - self.t0):.0f}")
+
+    def end(self, record: dict):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.enabled:
+            parts = [f"epoch {record['epoch']}", f"lr {record['lr']:.2e}", f"loss {record['train_loss']:.4f}",
+                     f"train {record['train_acc'] * 100:.2f}%"]
+            if record.get("val_acc") is not None:
+                parts.append(f"val {record['val_acc'] * 100:.2f}%")
+            if record.get("test_acc") is not None:
+                parts.append(f"test {record['test_acc'] * 100:.2f}%")
+            parts += [f"{record['img_s']:.0f} img/s", f"{record['seconds']:.0f}s"]
+            print("  ".join(parts), flush=True)
+
+
+def _read_metrics(path: Path, upto: int) -> list[str]:
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= upto]
+
+
+def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, device: torch.device, *,
+        resume: dict | None = None, argv: list[str] | None = None, log: Callable = print,
+        verbose: bool = True) -> dict:
+    """Train, checkpoint every epoch, select on validation, report test accuracy at the end.
+
+    resume: a loaded last.pt; training continues after its epoch with its optimizer state.
+    Returns the summary written to summary.json.
+    """
+    precision = resolve_precision(cfg.precision, device)
+    configure(device, precision)
+    train_x, train_y, val_x, val_y = split_validation(data.subset(cfg.limit), cfg.val_size)
+
+    torch.manual_seed(cfg.seed)
+    model = CapsNet(model_cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    start_epoch, best = 0, {"val_acc": -1.0, "epoch": 0}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        start_epoch, best = resume["epoch"], dict(resume["best"])
+        torch.set_rng_state(resume["rng_cpu"])
+
+    # Data stays where the model is: on a GPU the whole uint8 set fits and never crosses the bus.
+    if device.type == "cuda":
+        train_x, train_y, val_x, val_y = (t.to(device) for t in (train_x, train_y, val_x, val_y))
+
+    info = {"capsnet": __version__, "torch": torch.__version__, "git_commit": git_commit(),
+            "device": str(device), "device_name": describe(device), "precision": precision,
+            "threads": torch.get_num_threads(), "argv": argv, "dataset": data.name,
+            "train_images": int(train_x.shape[0]), "val_images": int(val_x.shape[0]),
+            "model": to_dict(model_cfg), "train": to_dict(cfg)}
+    write_json(run_dir / "config.json", info)
+    metrics_path = run_dir / "metrics.jsonl"
+    kept = _read_metrics(metrics_path, start_epoch)  # drop epochs after the checkpoint, if any
+    with open(metrics_path, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+
+    if verbose:
+        log(f"capsnet {__version__}: {data.name}, {train_x.shape[0]} train / {val_x.shape[0]} val images, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters, {describe(device)}, {precision}")
+    epoch_log = EpochLog(verbose)
+    for epoch in range(start_epoch, cfg.epochs):
+        lr = learning_rate(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        progress = epoch_log.start(epoch, cfg.epochs, train_x.shape[0])
+        result = train_one_epoch(model, optimizer, train_x, train_y, cfg, epoch, precision, progress)
+        if not math.isfinite(result.loss):
+            raise CapsNetError(f"training diverged at epoch {epoch + 1} (loss {result.loss}); last.pt keeps "
+                               f"epoch {epoch}")
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": result.loss, "train_acc": result.acc,
+                  "val_acc": None, "img_s": result.images / result.seconds, "seconds": result.seconds}
+        if val_x.shape[0]:
+            ok, n = evaluate(model, val_x, val_y, cfg, precision)
+            record["val_acc"] = ok / n
+        if cfg.test_every_epoch:  # for curves only: never used to select
+            ok, n = evaluate(model, data.test_images, data.test_labels, cfg, precision)
+            record["test_acc"] = ok / n
+        selected = record["val_acc"] is None or record["val_acc"] >= best["val_acc"]
+        if selected:
+            best = {"val_acc": record["val_acc"] if record["val_acc"] is not None else -1.0, "epoch": epoch + 1}
+            atomic_torch_save(model_payload(model, epoch=epoch + 1, val_acc=record["val_acc"]), run_dir / "model.pt")
+        atomic_torch_save({"format": FORMAT, "version": VERSION, "kind": "train-state", "epoch": epoch + 1,
+                     "model_config": to_dict(model_cfg), "train_config": to_dict(cfg), "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "best": best, "rng_cpu": torch.get_rng_state()},
+                    run_dir / "last.pt")
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        epoch_log.end(record)
+
+    return finish(run_dir, data, cfg, device, precision, log=log, verbose=verbose)
+
+
+def finish(run_dir: Path, data: Dataset, cfg: TrainConfig, device: torch.device, precision: str, *,
+           log: Callable = print, verbose: bool = True) -> dict:
+    """Test the selected model once and write summary.json."""
+    from .checkpoint import build_model
+
+    path = run_dir / "model.pt"
+    if not path.exists():  # zero epochs asked for
+        return {}
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt, path).to(device)
+    ok, n = evaluate(model, data.test_images, data.test_labels, cfg, precision)
+    summary = {"test_acc": ok / n, "test_errors": n - ok, "test_images": n, "selected_epoch": ckpt["epoch"],
+               "val_acc": ckpt["val_acc"], "selection": "best validation accuracy" if ckpt["val_acc"] is not None
+               else "last epoch (no validation split)", "precision": precision}
+    write_json(run_dir / "summary.json", summary)
+    if verbose:
+        log(f"test accuracy {ok / n * 100:.2f}% ({n - ok} errors in {n}) with the model of epoch "
+            f"{ckpt['epoch']} ({summary['selection']}); saved in {run_dir}")
+    return summary
+
+
+def resume_state(run_dir: Path) -> dict:
+    """last.pt of a run directory, checked."""
+    if not run_dir.is_dir():
+        raise CapsNetError(f"{run_dir}: no such run directory")
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    if ckpt.get("kind") != "train-state":
+        raise CapsNetError(f"{run_dir / 'last.pt'}: holds no training state to resume from")
+    return ckpt
+
+
+def configs_from_state(ckpt: dict) -> tuple[ModelConfig, TrainConfig]:
+    return from_dict(ModelConfig, ckpt["model_config"]), from_dict(TrainConfig, ckpt["train_config"])
