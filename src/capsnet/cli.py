@@ -33,9 +33,16 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=None, help="auto (default: bf16 where fast), bf16, fp32 or tf32")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors in one line like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"capsnet: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="capsnet", description="Capsule networks with dynamic routing.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="capsnet", description="Capsule networks with dynamic routing.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train a CapsNet; writes a run directory")
     t.add_argument("-e", "--epoch", type=_non_negative, default=None, help="epochs (default 10)")
@@ -175,7 +182,10 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "visualize": cmd_visua
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (one line, see Parser) and --help
+        return int(exc.code or 0)
     try:
         return COMMANDS[args.command](args)
     except CapsNetError as exc:

@@ -12,11 +12,11 @@ SQUASH_EPS = 1e-7
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, written as s * |s| / (1 + |s|^2).
 
-    Computed in float32 whatever the input precision: the ratio loses too much in bf16.
+    Half-precision inputs are computed in float32: the ratio loses too much in bf16.
     """
-    s32 = s.float()
-    sq = (s32 * s32).sum(dim=dim, keepdim=True)
-    v = s32 * torch.sqrt(sq + SQUASH_EPS) / (1.0 + sq)
+    wide = s.float() if s.dtype in (torch.bfloat16, torch.float16) else s
+    sq = (wide * wide).sum(dim=dim, keepdim=True)
+    v = wide * torch.sqrt(sq + SQUASH_EPS) / (1.0 + sq)
     return v.to(s.dtype)
 
 

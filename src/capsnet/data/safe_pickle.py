@@ -26,6 +26,8 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
+    # Python 3's protocol-2 pickles spell bytes as _codecs.encode(str, "latin1"): pure data.
+    ("_codecs", "encode"): lambda: __import__("codecs").encode,
 }
 
 

@@ -1,0 +1,162 @@
+"""The command line: one successful run end to end, and one line for each kind of bad input."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from capsnet.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("capsnet: error:"), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, mnist):
+    """One real, very short training run through the CLI, shared by the tests below."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    code = main(["train", "-e", "1", "--limit", "320", "--val", "64", "-b", "64", "--save", str(run), "--visualize",
+                 "-q", "--device", "cpu"])
+    assert code == 0
+    return run
+
+
+def test_train_writes_a_complete_run_directory(trained_run):
+    for name in ("config.json", "metrics.jsonl", "last.pt", "model.pt", "summary.json"):
+        assert (trained_run / name).is_file(), name
+
+
+def test_visualize_writes_twelve_pictures_of_the_seed_layout(trained_run, capsys):
+    out = trained_run / "pictures"
+    code, stdout, _ = run_cli(capsys, "visualize", "--load", str(trained_run), "--out", str(out), "--device", "cpu")
+    assert code == 0
+    names = ["vis.png", "vis_all.png"] + [f"vis_tweaked{k}.png" for k in range(10)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    tile = 32  # 31 px tile + 1 px line
+    assert Image.open(out / "vis.png").size == (20 * tile + 1, 2 * tile + 1)
+    assert Image.open(out / "vis_all.png").size == (20 * tile + 1, 11 * tile + 1)
+    for k in range(10):
+        assert Image.open(out / f"vis_tweaked{k}.png").size == (16 * tile + 1, 9 * tile + 1)
+    # the top row of vis_all is green (real digits), the rows below blue (reconstructions)
+    pixels = Image.open(out / "vis_all.png").convert("RGB")
+    r, g, b = pixels.getpixel((3, 3))
+    assert g > b and g > r
+    r, g, b = pixels.getpixel((3, tile + 3))
+    assert b > g > r
+    assert (trained_run / "vis_all.png").is_file()  # --visualize put them in the run directory too
+
+
+def test_evaluate_reproduces_the_logged_test_accuracy(trained_run, capsys):
+    import json
+
+    summary = json.loads((trained_run / "summary.json").read_text())
+    code, out, _ = run_cli(capsys, "evaluate", "--load", str(trained_run), "--device", "cpu")
+    assert code == 0
+    assert f"{summary['test_acc'] * 100:.2f}%" in out and f"({summary['test_errors']} errors" in out
+
+
+def test_refuses_to_overwrite_a_run(trained_run, capsys):
+    before = (trained_run / "model.pt").read_bytes()
+    code, _, err = run_cli(capsys, "train", "-e", "1", "--save", str(trained_run))
+    assert_one_line_error(code, err, "already holds a run", "--resume")
+    assert (trained_run / "model.pt").read_bytes() == before
+
+
+def test_resume_with_another_architecture_is_refused(trained_run, capsys):
+    code, _, err = run_cli(capsys, "train", "--resume", str(trained_run), "--shared-weights", "-e", "2")
+    assert_one_line_error(code, err, "shared_weights=False", "--shared-weights")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "-b", "0"], "batchsize: must be positive"),
+    (["train", "-b", "-5"], "batchsize: must be positive"),
+    (["train", "-e", "-1"], "epoch: must be 0 or more"),
+    (["train", "--device", "tpu", "-e", "1"], "unknown device 'tpu'"),
+    (["evaluate", "--load", "/nonexistent/run"], "/nonexistent/run: no such run directory"),
+    (["train", "--resume", "/nonexistent/run"], "/nonexistent/run: no such run directory"),
+    (["visualize", "--load", "/nonexistent/run"], "no such run directory"),
+    (["data", "--dataset", "cifar"], "unknown dataset 'cifar'"),
+])
+def test_bad_input_gives_one_line(capsys, argv, needle):
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("argv", [["--device", "cuda"], ["-g", "0"], ["--device", "cuda:1"]])
+def test_cuda_without_a_gpu(capsys, argv):
+    code, _, err = run_cli(capsys, "train", "-e", "1", *argv)
+    assert_one_line_error(code, err, "no CUDA GPU")
+
+
+def test_unwritable_save_directory(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, "train", "-e", "1", "--save", str(blocker / "run"))
+    assert_one_line_error(code, err, "cannot write there")
+
+
+def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    code, _, err = run_cli(capsys, "evaluate", "--load", str(garbage))
+    assert_one_line_error(code, err, "garbage.pt", "not a capsnet checkpoint")
+
+    # a pickle that would run code on load: weights_only refuses it and nothing runs
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "capsnet-checkpoint", "x": _Evil(str(marker))}, evil)
+    code, _, err = run_cli(capsys, "evaluate", "--load", str(evil))
+    assert_one_line_error(code, err, "evil.pt", "not a capsnet checkpoint")
+    assert not marker.exists()
+
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    code, _, err = run_cli(capsys, "evaluate", "--load", str(other))
+    assert_one_line_error(code, err, "other.pt: not a capsnet checkpoint")
+
+
+def test_checkpoint_of_another_architecture(trained_run, tmp_path, capsys):
+    ckpt = torch.load(trained_run / "model.pt", weights_only=True)
+    ckpt["model_config"]["shared_weights"] = True  # weights of per-capsule matrices under a shared config
+    bad = tmp_path / "mismatch.pt"
+    torch.save(ckpt, bad)
+    code, _, err = run_cli(capsys, "evaluate", "--load", str(bad))
+    assert_one_line_error(code, err, "mismatch.pt: weights do not fit")
+
+
+def test_corrupt_data_names_the_file(tmp_path, capsys):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    (folder / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 100)
+    code, _, err = run_cli(capsys, "train", "-e", "1", "--data-dir", str(tmp_path), "--save", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "train-images-idx3-ubyte")
+
+
+def test_console_script_runs():
+    proc = subprocess.run([sys.executable, "-m", "capsnet", "train", "-b", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "capsnet: error: argument -b/--batchsize: must be positive, got 0 " \
+                                  "(see capsnet train --help)"
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -1,0 +1,99 @@
+import gzip
+import io
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from capsnet.data import mnist
+from capsnet.data.augment import random_shift
+from capsnet.data.idx import decode_idx, encode_idx
+from capsnet.data.safe_pickle import load_numpy_pickle
+from capsnet.errors import CapsNetError
+
+
+def test_idx_round_trip_and_gzip():
+    arr = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    raw = encode_idx(arr)
+    assert raw[:4] == b"\x00\x00\x08\x03"
+    assert np.array_equal(decode_idx(raw), arr)
+    assert np.array_equal(decode_idx(gzip.compress(raw)), arr)
+
+
+def test_idx_bad_magic_and_truncation_name_the_file():
+    raw = encode_idx(np.zeros((4,), np.uint8))
+    with pytest.raises(CapsNetError, match="labels.idx: bad magic"):
+        decode_idx(b"\x00\x00\x0d\x01" + raw[4:], name="labels.idx")
+    with pytest.raises(CapsNetError, match="images.idx: bad magic"):
+        decode_idx(raw, name="images.idx", ndim=3)  # a label file where images were expected
+    with pytest.raises(CapsNetError, match="labels.idx: truncated"):
+        decode_idx(raw[:-1], name="labels.idx")
+    with pytest.raises(CapsNetError, match="x.gz: corrupt or truncated gzip"):
+        decode_idx(gzip.compress(raw)[:-6], name="x.gz")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_restricted_unpickler_refuses_code():
+    payload = pickle.dumps(_Evil(), protocol=2)
+    with pytest.raises(CapsNetError, match="refusing to unpickle (posix|os|nt).system"):
+        load_numpy_pickle(payload, name="evil.pkl")
+
+
+def test_restricted_unpickler_reads_numpy_arrays():
+    arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2], dtype=np.int64))
+    for protocol in (2, 4):
+        back = load_numpy_pickle(pickle.dumps(arrays, protocol=protocol))
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(arrays, back))
+
+
+def test_pickle_conversion_recovers_raw_bytes():
+    rng = np.random.default_rng(1)
+    k = rng.integers(0, 256, (7, 784))
+    parts = [(k[:3] / 256).astype(np.float32), (k[3:5] / 256).astype(np.float32), (k[5:] / 256).astype(np.float32)]
+    labels = [rng.integers(0, 10, len(p)) for p in parts]
+    pkl = gzip.compress(pickle.dumps(tuple(zip(parts, labels)), protocol=2))
+    out = mnist.arrays_from_pickle(pkl)
+    assert np.array_equal(out["train-images-idx3-ubyte"].reshape(5, 784), k[:5])  # train + valid, in order
+    assert np.array_equal(out["t10k-images-idx3-ubyte"].reshape(2, 784), k[5:])
+    assert np.array_equal(out["train-labels-idx1-ubyte"], np.concatenate(labels[:2]))
+
+
+def test_wrong_checksum_is_one_clear_error(tmp_path):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(encode_idx(np.zeros(10000, np.uint8)))
+    with pytest.raises(CapsNetError, match="t10k-labels-idx1-ubyte: checksum mismatch"):
+        mnist.fetch(tmp_path, log=lambda *a: None)
+
+
+def test_real_mnist_is_the_official_one(mnist):
+    assert mnist.train_images.shape == (60000, 1, 28, 28) and mnist.test_images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(mnist.test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert mnist.train_labels[:8].tolist() == [5, 0, 4, 1, 9, 2, 1, 3]
+
+
+def test_shifts_are_per_image_and_within_range():
+    n, p = 400, 2
+    images = torch.zeros(n, 1, 9, 9)
+    images[:, 0, 4, 4] = 1.0  # one lit pixel in the middle
+    out = random_shift(images, p, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and (out.sum(dim=(1, 2, 3)) == 1).all()  # nothing lost, nothing added
+    pos = out.flatten(1).argmax(dim=1)
+    dy, dx = pos // 9 - 4, pos % 9 - 4
+    assert dy.abs().max() <= p and dx.abs().max() <= p
+    # every one of the 25 shifts occurs: they are drawn per image, not once per batch
+    assert len(set(zip(dy.tolist(), dx.tolist()))) == (2 * p + 1) ** 2
+
+
+def test_shifts_are_reproducible_and_keep_content():
+    images = torch.rand(6, 3, 12, 12)
+    a = random_shift(images, 2, torch.Generator().manual_seed(5))
+    b = random_shift(images, 2, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    assert torch.equal(random_shift(images, 0), images)

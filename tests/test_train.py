@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+
+from capsnet.checkpoint import load_checkpoint, load_model
+from capsnet.config import TrainConfig
+from capsnet.train import evaluate, fit, prepare_run_dir, resume_state, step
+
+from conftest import small_model_config, synthetic
+
+
+def _fit(tmp_path, data, epochs, resume=None, name="run"):
+    run = tmp_path / name
+    if resume is None:
+        prepare_run_dir(run, force=False)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, val_size=16, precision="fp32", seed=3)
+    return run, fit(small_model_config(data), cfg, data, run, torch.device("cpu"), resume=resume, verbose=False)
+
+
+def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, tiny_data):
+    straight, _ = _fit(tmp_path, tiny_data, 3, name="straight")
+    split, _ = _fit(tmp_path, tiny_data, 2, name="split")
+    _, summary = _fit(tmp_path, tiny_data, 3, resume=resume_state(split), name="split")
+    a = load_checkpoint(straight / "last.pt")
+    b = load_checkpoint(split / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    lines_a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    lines_b = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines_b] == [1, 2, 3]
+    assert [x["train_loss"] for x in lines_a] == [x["train_loss"] for x in lines_b]
+    assert summary["test_images"] == 40
+
+
+def test_run_directory_contents(tmp_path, tiny_data):
+    run, summary = _fit(tmp_path, tiny_data, 2)
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["epochs"] == 2 and config["model"]["routing_iters"] == 3
+    assert config["torch"] == torch.__version__ and config["device"] == "cpu"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert set(records[0]) >= {"epoch", "lr", "train_loss", "train_acc", "val_acc", "img_s", "seconds"}
+    assert records[1]["lr"] == pytest.approx(1e-3 * 0.95)
+    best = max(records, key=lambda r: (r["val_acc"], r["epoch"]))
+    assert summary["selected_epoch"] == best["epoch"]  # chosen on validation alone
+    model = load_model(run)
+    ok, n = evaluate(model, tiny_data.test_images, tiny_data.test_labels, TrainConfig(), "fp32")
+    assert ok / n == summary["test_acc"]
+
+
+def test_a_run_directory_is_not_overwritten(tmp_path, tiny_data):
+    run, _ = _fit(tmp_path, tiny_data, 1)
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(Exception, match="already holds a run"):
+        prepare_run_dir(run, force=False)
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_small_capsnet_learns_synthetic_data(tmp_path):
+    data = synthetic(n_train=256, n_test=64)
+    run = tmp_path / "learn"
+    prepare_run_dir(run, force=False)
+    cfg = TrainConfig(epochs=4, batch_size=32, val_size=32, precision="fp32", max_shift=1)
+    summary = fit(small_model_config(data), cfg, data, run, torch.device("cpu"), verbose=False)
+    assert summary["test_acc"] > 0.9
+
+
+def test_training_step_reduces_the_loss_on_a_fixed_batch(tiny_data):
+    from capsnet.model import CapsNet
+
+    torch.manual_seed(0)
+    model = CapsNet(small_model_config(tiny_data))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = tiny_data.train_images[:32].float() / 255
+    y = tiny_data.train_labels[:32]
+    first, _ = step(model, x, y, TrainConfig(), "fp32", opt)
+    for _ in range(20):
+        last, _ = step(model, x, y, TrainConfig(), "fp32", opt)
+    assert last < first * 0.5
+
+
+def test_capsnet_learns_real_mnist(mnist):
+    """A few hundred steps on 2,000 real training images; tested on 2,000 test images."""
+    from capsnet.data import Dataset
+
+    data = Dataset("mnist", mnist.train_images[:2000], mnist.train_labels[:2000], mnist.test_images[:2000],
+                   mnist.test_labels[:2000], 10)
+    import tempfile
+    from pathlib import Path
+
+    from capsnet.train import model_config_for
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        prepare_run_dir(run, force=False)
+        cfg = TrainConfig(epochs=4, batch_size=32, val_size=0)  # 4 x 63 = 252 steps, default precision
+        summary = fit(model_config_for(data), cfg, data, run, torch.device("cpu"), verbose=False)
+    assert summary["test_acc"] > 0.90, summary
