@@ -10,6 +10,8 @@ from .errors import CapsNetError
 # Model flags: None means "not given", so --resume can tell a conflicting flag from a default.
 MODEL_FLAGS = {"routing_iters": "--routing-iters", "shared_weights": "--shared-weights",
                "leaky_relu": "--leaky-relu", "detach_routing": "--detach-routing", "reconstruct": "--no-reconstruct"}
+# Settings a resumed run may change: they don't alter what the run computes.
+RESUMABLE = ("epochs", "test_every_epoch", "compile")
 
 
 def _positive(text: str) -> int:
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no decoder, margin loss only")
     t.add_argument("--test-every-epoch", action="store_true", help="log test accuracy each epoch (curves only)")
     t.add_argument("--visualize", action="store_true", help="write the pictures into the run directory at the end")
+    t.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the capsule layer (default on)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     _device_args(t)
 
@@ -80,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--load", type=Path, required=True, help="run directory or checkpoint")
     v.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: the run directory)")
     _device_args(v)
+
+    b = sub.add_parser("bench", help="time training steps and inference on synthetic data")
+    b.add_argument("-b", "--batchsize", type=_positive, default=128)
+    b.add_argument("--steps", type=_positive, default=10, help="timed steps (median reported)")
+    b.add_argument("--warmup", type=_non_negative, default=3)
+    b.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=True)
+    b.add_argument("--baseline", action="store_true", help="the plain formulation (library conv gradients, eager)")
+    b.add_argument("--compare", action="store_true",
+                   help="baseline and capsnet at fp32 and the default precision, each in its own process")
+    b.add_argument("--json", action="store_true", help="one JSON line")
+    _device_args(b)
 
     d = sub.add_parser("data", help="fetch and verify a data set into the cache")
     d.add_argument("--dataset", default="mnist")
@@ -103,7 +118,8 @@ def cmd_train(args) -> int:
     device = _device(args)
     train_overrides = {"epochs": args.epoch, "batch_size": args.batchsize, "lr_decay": args.decay, "lr": args.lr,
                        "seed": args.seed, "limit": args.limit, "val_size": args.val, "dataset": args.dataset,
-                       "precision": args.precision, "test_every_epoch": args.test_every_epoch or None}
+                       "precision": args.precision, "test_every_epoch": args.test_every_epoch or None,
+                       "compile": args.compile}
     train_overrides = {k: v for k, v in train_overrides.items() if v is not None}
     model_overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
 
@@ -118,10 +134,10 @@ def cmd_train(args) -> int:
                 raise CapsNetError(f"{run_dir}: the checkpoint was trained with {key}={getattr(model_cfg, key)}; "
                                    f"{MODEL_FLAGS[key]} asks for {value}. Start a new run instead")
         for key, value in train_overrides.items():
-            if key not in ("epochs", "test_every_epoch") and getattr(cfg, key) != value:
+            if key not in RESUMABLE and getattr(cfg, key) != value:
                 raise CapsNetError(f"{run_dir}: the run was started with {key}={getattr(cfg, key)}; "
                                    f"resuming with {value} would not continue it")
-        cfg = replace(cfg, **{k: v for k, v in train_overrides.items() if k in ("epochs", "test_every_epoch")})
+        cfg = replace(cfg, **{k: v for k, v in train_overrides.items() if k in RESUMABLE})
     else:
         state = None
         cfg = TrainConfig(**train_overrides)
@@ -170,6 +186,27 @@ def cmd_visualize(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    from .bench import format_table, run_bench, run_in_subprocess
+
+    device = _device(args)
+    if args.compare:
+        common = ["--device", str(device), "-b", str(args.batchsize), "--steps", str(args.steps),
+                  "--warmup", str(args.warmup)]
+        rows = []
+        for precision in ("fp32", args.precision or "auto"):
+            for extra in (["--baseline"], []):
+                rows.append(run_in_subprocess(common + ["--precision", precision] + extra))
+        print("\n".join(json.dumps(r) for r in rows) if args.json else format_table(rows))
+        return 0
+    result = run_bench(device, precision=args.precision or "auto", batch=args.batchsize, steps=args.steps,
+                       warmup=args.warmup, compile=args.compile, baseline=args.baseline)
+    print(json.dumps(result) if args.json else format_table([result]))
+    return 0
+
+
 def cmd_data(args) -> int:
     from .data import fetch_dataset
 
@@ -178,7 +215,8 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "visualize": cmd_visualize, "data": cmd_data}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "visualize": cmd_visualize, "bench": cmd_bench,
+            "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,6 +79,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp32 | tf32
     test_every_epoch: bool = False
     eval_batch_size: int = 500
+    compile: bool = True  # torch.compile the capsule layer (falls back to eager if it can't)
 
 
 def to_dict(cfg) -> dict:

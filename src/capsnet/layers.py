@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .routing import dynamic_routing, squash
+from . import fastconv
+from .routing import dynamic_routing, dynamic_routing_fusable, squash
 
 
 class PrimaryCaps(nn.Module):
@@ -17,9 +18,11 @@ class PrimaryCaps(nn.Module):
         super().__init__()
         self.types, self.dim = types, dim
         self.conv = nn.Conv2d(in_channels, types * dim, kernel, stride=stride)
+        self.gemm_weight_grad = True  # see fastconv: False gives the plain library convolution
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv(x)  # [b, types * dim, g, g]
+        out = fastconv.conv2d(x, self.conv.weight, self.conv.bias, self.conv.stride[0],
+                              gemm_weight_grad=self.gemm_weight_grad)  # [b, types * dim, g, g]
         b, _, g, _ = out.shape
         out = out.view(b, self.types, self.dim, g, g)
         out = out.permute(0, 1, 3, 4, 2).reshape(b, self.types * g * g, self.dim)  # [b, i, d]
@@ -58,6 +61,19 @@ class DigitCaps(nn.Module):
             u_hat = u_hat.view(i, b, j, d).permute(1, 2, 0, 3)  # [b, j, i, d]
         return u_hat.contiguous()
 
+    def fusable_predictions(self, u: torch.Tensor) -> torch.Tensor:
+        """u: [b, i, e] -> u_hat: [b, i, j, d] as broadcast and sum, which torch.compile fuses
+        into one loop (eager, it would build a [b, i, e, j*d] temporary: use predictions())."""
+        b, i, e = u.shape
+        w = self.weight.float()
+        if self.shared:
+            w = w.repeat_interleave(i // self.types, dim=0)  # [i, e, j*d]
+        u_hat = (u.float().unsqueeze(-1) * w).sum(dim=2)  # [b, i, j*d]
+        return u_hat.to(u.dtype).view(b, i, self.out_caps, self.out_dim)  # stored in u's precision
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u: [b, i, e] primary capsules -> v: [b, j, d] output capsules."""
+        if torch.compiler.is_compiling():  # one fused pass per routing iteration
+            return dynamic_routing_fusable(self.fusable_predictions(u), self.routing_iters,
+                                           detach_inner=self.detach_routing)
         return dynamic_routing(self.predictions(u), self.routing_iters, detach_inner=self.detach_routing)

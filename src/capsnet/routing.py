@@ -9,12 +9,17 @@ import torch
 SQUASH_EPS = 1e-7
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors widened to float32; float32 and float64 left as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, written as s * |s| / (1 + |s|^2).
 
     Half-precision inputs are computed in float32: the ratio loses too much in bf16.
     """
-    wide = s.float() if s.dtype in (torch.bfloat16, torch.float16) else s
+    wide = _wide(s)
     sq = (wide * wide).sum(dim=dim, keepdim=True)
     v = wide * torch.sqrt(sq + SQUASH_EPS) / (1.0 + sq)
     return v.to(s.dtype)
@@ -43,6 +48,25 @@ def dynamic_routing(u_hat: torch.Tensor, iterations: int, *, detach_inner: bool 
         v = squash(s)  # [b, j, d]
         if not last:
             logits = logits + torch.einsum("bjid,bjd->bji", u, v)  # agreement u_hat . v
+    return v
+
+
+def dynamic_routing_fusable(u_hat: torch.Tensor, iterations: int, *, detach_inner: bool = False) -> torch.Tensor:
+    """The same routing for u_hat laid out [b, i, j, d], written as broadcasts and sums.
+
+    Eager, this is slower than dynamic_routing; under torch.compile each iteration becomes one
+    fused loop over u_hat (the agreement for input capsule i needs only its own 10 x 16 block),
+    so it is the form the compiled model uses. Softmax, sums and squash run in float32.
+    """
+    b, i, j, _ = u_hat.shape
+    logits = _wide(u_hat.new_zeros(b, i, j))  # b_ij
+    for r in range(iterations):
+        last = r == iterations - 1
+        u = _wide(u_hat if (last or not detach_inner) else u_hat.detach())
+        c = torch.softmax(logits, dim=2)  # [b, i, j], sums to 1 over j
+        v = squash((c.unsqueeze(-1) * u).sum(dim=1))  # [b, j, d]
+        if not last:
+            logits = logits + (u * v.unsqueeze(1)).sum(dim=-1)
     return v
 
 

@@ -1,0 +1,106 @@
+"""Timed training steps and inference on synthetic MNIST-shaped data -> one JSON-able dict.
+
+A training step here is what `capsnet train` does per batch: uint8 images to float, a random
+shift per image, forward, margin + reconstruction loss, backward, Adam. Times are medians over
+the timed steps, after warm-up steps that also absorb torch.compile's compilation.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from .config import ModelConfig, TrainConfig
+from .data.augment import random_shift
+from .model import CapsNet
+from .runtime import autocast, configure, describe, resolve_precision
+from .train import compile_model, make_optimizer, step, to_input
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128, steps: int = 10,
+              warmup: int = 3, compile: bool = True, baseline: bool = False, seed: int = 0) -> dict:
+    """Time training and inference. baseline=True measures the plain formulation this project
+    started from (library convolution gradients, eager routing) for comparison."""
+    precision = resolve_precision(precision, device)
+    configure(device, precision)
+    torch.manual_seed(seed)
+    model = CapsNet(ModelConfig()).to(device)
+    if baseline:
+        model.primary.gemm_weight_grad = False
+        compile = False
+    if compile:
+        compile_model(model)
+    cfg = TrainConfig(batch_size=batch)
+    optimizer = make_optimizer(model, cfg, device, fused=not baseline)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8, generator=gen, device=device)
+    labels = torch.randint(0, 10, (batch,), generator=gen, device=device)
+
+    def train_step():
+        x = random_shift(to_input(images, device), cfg.max_shift, gen)
+        step(model, x, labels, cfg, precision, optimizer)
+
+    model.train()
+    t_train = _median_seconds(train_step, steps, warmup, device)
+    train_peak = peak_memory_mb(device)
+
+    @torch.no_grad()
+    def eval_step():
+        with autocast(device, precision):
+            model(to_input(images, device))
+
+    model.eval()
+    t_eval = _median_seconds(eval_step, steps, warmup, device)
+    return {"train_img_s": round(batch / t_train, 1), "eval_img_s": round(batch / t_eval, 1),
+            "train_step_ms": round(t_train * 1000, 1), "peak_mem_mb": round(train_peak, 1),
+            "precision": precision, "batch": batch, "threads": torch.get_num_threads(), "device": str(device),
+            "device_name": describe(device), "torch": torch.__version__, "compile": compile,
+            "formulation": "baseline" if baseline else "capsnet"}
+
+
+def run_in_subprocess(args: list[str]) -> dict:
+    """One bench in a fresh process, so each row's peak memory is its own."""
+    proc = subprocess.run([sys.executable, "-m", "capsnet", "bench", "--json", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "bench failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'formulation':<12} {'precision':<9} {'batch':>5} {'train img/s':>11} {'eval img/s':>10} " \
+           f"{'step ms':>8} {'peak MiB':>9}  device"
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['formulation']:<12} {r['precision']:<9} {r['batch']:>5} {r['train_img_s']:>11.1f} "
+                     f"{r['eval_img_s']:>10.1f} {r['train_step_ms']:>8.1f} {r['peak_mem_mb']:>9.0f}  "
+                     f"{r['device_name']}")
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+import json
+
+import torch
+
+from capsnet.bench import format_table, run_bench
+from capsnet.cli import main
+from capsnet.layers import DigitCaps
+from capsnet.routing import dynamic_routing, dynamic_routing_fusable
+
+
+def test_fusable_routing_is_the_same_function():
+    torch.manual_seed(0)
+    u_hat = torch.randn(3, 50, 10, 16, dtype=torch.float64)  # [b, i, j, d]
+    for detach in (False, True):
+        a = dynamic_routing(u_hat.transpose(1, 2).contiguous(), 3, detach_inner=detach)
+        b = dynamic_routing_fusable(u_hat, 3, detach_inner=detach)
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_compiled_capsule_layer_matches_eager():
+    torch.manual_seed(0)
+    for shared in (False, True):
+        layer = DigitCaps(in_caps=64, in_dim=8, out_caps=4, out_dim=8, routing_iters=3, types=4, shared=shared)
+        u = torch.randn(5, 64, 8, requires_grad=True)
+        eager = layer(u)
+        g_eager, = torch.autograd.grad(eager.pow(2).sum(), u)
+        compiled = torch.compile(layer)(u)
+        g_comp, = torch.autograd.grad(compiled.pow(2).sum(), u)
+        assert torch.allclose(eager, compiled, atol=1e-5)
+        assert torch.allclose(g_eager, g_comp, atol=1e-5)
+
+
+def test_bench_reports_the_promised_fields():
+    result = run_bench(torch.device("cpu"), precision="fp32", batch=4, steps=1, warmup=1, compile=False)
+    for key in ("train_img_s", "eval_img_s", "peak_mem_mb", "precision", "batch", "threads", "device", "torch"):
+        assert key in result, key
+    assert result["train_img_s"] > 0 and result["eval_img_s"] > result["train_img_s"] / 10
+    assert result["precision"] == "fp32" and result["batch"] == 4
+    assert "train img/s" in format_table([result])
+
+
+def test_bench_command_prints_one_json_line(capsys):
+    assert main(["bench", "--json", "-b", "2", "--steps", "1", "--warmup", "0", "--no-compile", "--baseline",
+                 "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert len(line.splitlines()) == 1
+    assert json.loads(line)["formulation"] == "baseline"
