@@ -111,11 +111,14 @@ def _device(args):
 def cmd_train(args) -> int:
     from dataclasses import replace
 
+    import torch.distributed
+
     from .config import TrainConfig
     from .data import load_dataset
+    from .runtime import close_distributed, init_distributed
     from .train import configs_from_state, fit, model_config_for, prepare_run_dir, resume_state
 
-    device = _device(args)
+    dist, device = init_distributed(_device(args))  # under torchrun: this process's rank and device
     train_overrides = {"epochs": args.epoch, "batch_size": args.batchsize, "lr_decay": args.decay, "lr": args.lr,
                        "seed": args.seed, "limit": args.limit, "val_size": args.val, "dataset": args.dataset,
                        "precision": args.precision, "test_every_epoch": args.test_every_epoch or None,
@@ -142,13 +145,19 @@ def cmd_train(args) -> int:
         state = None
         cfg = TrainConfig(**train_overrides)
         run_dir = args.save or Path("runs") / cfg.dataset
-        prepare_run_dir(run_dir, force=args.force)
+        if dist.is_main:
+            prepare_run_dir(run_dir, force=args.force)
 
-    data = load_dataset(cfg.dataset, args.data_dir, log=print)
+    if dist.world > 1 and not dist.is_main:
+        torch.distributed.barrier()  # rank 0 fetches the data first, the others then read its cache
+    data = load_dataset(cfg.dataset, args.data_dir, log=print if dist.is_main else (lambda *a: None))
+    if dist.world > 1 and dist.is_main:
+        torch.distributed.barrier()
     if state is None:
         model_cfg = model_config_for(data, **model_overrides)
-    fit(model_cfg, cfg, data, run_dir, device, resume=state, argv=sys.argv[1:], verbose=not args.quiet)
-    if args.visualize:
+    fit(model_cfg, cfg, data, run_dir, device, resume=state, argv=sys.argv[1:], verbose=not args.quiet, dist=dist)
+    close_distributed()
+    if args.visualize and dist.is_main:
         from .viz import write_all
 
         paths = write_all(run_dir, data, run_dir, device)

@@ -22,7 +22,7 @@ from .errors import CapsNetError
 from .files import atomic_torch_save, write_json
 from .losses import capsule_loss
 from .model import CapsNet
-from .runtime import autocast, configure, describe, resolve_precision
+from .runtime import SINGLE, DistInfo, autocast, configure, describe, resolve_precision
 
 RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "model.pt", "summary.json")
 
@@ -94,18 +94,27 @@ class EpochResult:
     images: int
 
 
-def train_one_epoch(model: CapsNet, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-                    cfg: TrainConfig, epoch: int, precision: str, progress=None) -> EpochResult:
-    """One pass over (images, labels) in a fresh random order with fresh random shifts."""
+def train_one_epoch(model, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                    cfg: TrainConfig, epoch: int, precision: str, progress=None, *,
+                    dist: DistInfo = SINGLE) -> EpochResult:
+    """One pass over (images, labels) in a fresh random order with fresh random shifts.
+
+    model may be a DistributedDataParallel wrapper: every rank draws the same order and takes
+    its own equal share of it (order[rank::world]), with shifts from its own stream. The
+    returned loss and accuracy cover all ranks.
+    """
     device = next(model.parameters()).device
     model.train()
     gen = epoch_generator(cfg.seed, epoch, device)
     n = images.shape[0]
     order = torch.randperm(n, generator=gen, device=device)
+    if dist.world > 1:  # equal shares, so every rank runs the same number of steps
+        order = order[: n - n % dist.world][dist.rank::dist.world]
+        gen = epoch_generator(cfg.seed + 1 + dist.rank, epoch, device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     start = time.perf_counter()
-    for first in range(0, n, cfg.batch_size):
+    for first in range(0, len(order), cfg.batch_size):
         idx = order[first:first + cfg.batch_size]
         x = random_shift(to_input(images[idx.to(images.device)], device), cfg.max_shift, gen)
         y = labels[idx.to(labels.device)].to(device, non_blocking=True)
@@ -113,9 +122,13 @@ def train_one_epoch(model: CapsNet, optimizer: torch.optim.Optimizer, images: to
         loss_sum += loss * len(idx)
         correct += ok
         if progress is not None:
-            progress(len(idx), loss)
+            progress(len(idx) * dist.world, loss)
     seconds = time.perf_counter() - start
-    return EpochResult(loss_sum.item() / n, correct.item() / n, seconds, n)
+    seen = len(order) * dist.world
+    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)])
+    if dist.world > 1:
+        torch.distributed.all_reduce(totals)
+    return EpochResult(totals[0].item() / seen, totals[1].item() / seen, seconds, seen)
 
 
 @torch.no_grad()
@@ -227,17 +240,23 @@ def _read_metrics(path: Path, upto: int) -> list[str]:
 
 def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, device: torch.device, *,
         resume: dict | None = None, argv: list[str] | None = None, log: Callable = print,
-        verbose: bool = True) -> dict:
+        verbose: bool = True, dist: DistInfo = SINGLE,
+        on_epoch_end: Callable[[int, CapsNet], None] | None = None) -> dict:
     """Train, checkpoint every epoch, select on validation, report test accuracy at the end.
 
     resume: a loaded last.pt; training continues after its epoch with its optimizer state.
-    Returns the summary written to summary.json.
+    dist: under torchrun, this process's rank; the model is wrapped in DistributedDataParallel
+    and rank 0 alone evaluates, logs and writes the run directory.
+    on_epoch_end(epoch, model): a hook called on every rank after each epoch's update.
+    Returns the summary written to summary.json (empty on other ranks).
     """
     precision = resolve_precision(cfg.precision, device)
     configure(device, precision)
     train_x, train_y, val_x, val_y = split_validation(data.subset(cfg.limit), cfg.val_size)
+    main = dist.is_main
+    verbose = verbose and main
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = CapsNet(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
     start_epoch, best = 0, {"val_acc": -1.0, "epoch": 0}
@@ -246,38 +265,47 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
         optimizer.load_state_dict(resume["optimizer"])
         start_epoch, best = resume["epoch"], dict(resume["best"])
         torch.set_rng_state(resume["rng_cpu"])
-
     if cfg.compile:
         compile_model(model)
+    trainee = model  # what the training step calls; `model` stays the plain module we save
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trainee = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # Data stays where the model is: on a GPU the whole uint8 set fits and never crosses the bus.
     if device.type == "cuda":
         train_x, train_y, val_x, val_y = (t.to(device) for t in (train_x, train_y, val_x, val_y))
 
-    info = {"capsnet": __version__, "torch": torch.__version__, "git_commit": git_commit(),
-            "device": str(device), "device_name": describe(device), "precision": precision,
-            "threads": torch.get_num_threads(), "argv": argv, "dataset": data.name,
-            "train_images": int(train_x.shape[0]), "val_images": int(val_x.shape[0]),
-            "model": to_dict(model_cfg), "train": to_dict(cfg)}
-    write_json(run_dir / "config.json", info)
     metrics_path = run_dir / "metrics.jsonl"
-    kept = _read_metrics(metrics_path, start_epoch)  # drop epochs after the checkpoint, if any
-    with open(metrics_path, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
-
+    if main:
+        info = {"capsnet": __version__, "torch": torch.__version__, "git_commit": git_commit(),
+                "device": str(device), "device_name": describe(device), "precision": precision,
+                "threads": torch.get_num_threads(), "world_size": dist.world, "argv": argv, "dataset": data.name,
+                "train_images": int(train_x.shape[0]), "val_images": int(val_x.shape[0]),
+                "model": to_dict(model_cfg), "train": to_dict(cfg)}
+        write_json(run_dir / "config.json", info)
+        kept = _read_metrics(metrics_path, start_epoch)  # drop epochs after the checkpoint, if any
+        with open(metrics_path, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
     if verbose:
         log(f"capsnet {__version__}: {data.name}, {train_x.shape[0]} train / {val_x.shape[0]} val images, "
-            f"{sum(p.numel() for p in model.parameters()):,} parameters, {describe(device)}, {precision}")
+            f"{sum(p.numel() for p in model.parameters()):,} parameters, {describe(device)}, {precision}"
+            + (f", {dist.world} processes" if dist.world > 1 else ""))
     epoch_log = EpochLog(verbose)
     for epoch in range(start_epoch, cfg.epochs):
         lr = learning_rate(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         progress = epoch_log.start(epoch, cfg.epochs, train_x.shape[0])
-        result = train_one_epoch(model, optimizer, train_x, train_y, cfg, epoch, precision, progress)
+        result = train_one_epoch(trainee, optimizer, train_x, train_y, cfg, epoch, precision, progress, dist=dist)
         if not math.isfinite(result.loss):
             raise CapsNetError(f"training diverged at epoch {epoch + 1} (loss {result.loss}); last.pt keeps "
                                f"epoch {epoch}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, model)
+        if not main:
+            continue
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": result.loss, "train_acc": result.acc,
                   "val_acc": None, "img_s": result.images / result.seconds, "seconds": result.seconds}
         if val_x.shape[0]:
@@ -291,15 +319,17 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
             best = {"val_acc": record["val_acc"] if record["val_acc"] is not None else -1.0, "epoch": epoch + 1}
             atomic_torch_save(model_payload(model, epoch=epoch + 1, val_acc=record["val_acc"]), run_dir / "model.pt")
         atomic_torch_save({"format": FORMAT, "version": VERSION, "kind": "train-state", "epoch": epoch + 1,
-                     "model_config": to_dict(model_cfg), "train_config": to_dict(cfg), "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "best": best, "rng_cpu": torch.get_rng_state()},
-                    run_dir / "last.pt")
+                           "model_config": to_dict(model_cfg), "train_config": to_dict(cfg),
+                           "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
+                           "rng_cpu": torch.get_rng_state()}, run_dir / "last.pt")
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
         epoch_log.end(record)
 
+    if not main:
+        return {}
     return finish(run_dir, data, cfg, device, precision, log=log, verbose=verbose)
 
 
