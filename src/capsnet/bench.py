@@ -48,14 +48,16 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128, steps: int = 10,
               warmup: int = 3, compile: bool = True, baseline: bool = False, seed: int = 0) -> dict:
-    """Time training and inference. baseline=True measures the plain formulation this project
-    started from (library convolution gradients, eager routing) for comparison."""
+    """Time training and inference (classification: no decoder). baseline=True measures the plain
+    formulation this project started from (library convolution gradients, routing as PyTorch
+    operations, no compilation, unfused Adam) for comparison."""
     precision = resolve_precision(precision, device)
     configure(device, precision)
     torch.manual_seed(seed)
     model = CapsNet(ModelConfig()).to(device)
     if baseline:
         model.primary.gemm_weight_grad = False
+        model.digits.use_kernel = False
         compile = False
     if compile:
         compile_model(model)
@@ -76,7 +78,7 @@ def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128
     @torch.no_grad()
     def eval_step():
         with autocast(device, precision):
-            model(to_input(images, device))
+            model(to_input(images, device), reconstruct=False)
 
     model.eval()
     t_eval = _median_seconds(eval_step, steps, warmup, device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import fastconv
+from . import cpu_kernels, fastconv
 from .routing import dynamic_routing, dynamic_routing_fusable, squash
 
 
@@ -45,21 +45,29 @@ class DigitCaps(nn.Module):
         # W: [i or type, e, j*d]: u (in_dim e) times W gives all classes' predictions at once.
         self.weight = nn.Parameter(torch.empty(rows, in_dim, out_caps * out_dim).uniform_(-init_range, init_range))
         self.out_caps, self.out_dim = out_caps, out_dim
+        self.use_kernel = True  # the fused C++ routing on CPU where it builds (cpu_kernels)
+
+    def grouped_predictions(self, u: torch.Tensor) -> torch.Tensor:
+        """u: [b, i, e] -> u_hat: [groups, b * P, j, d], one batched matmul over the matrices.
+
+        groups = i and P = 1 with a matrix per capsule; groups = types and P = positions per
+        type with shared matrices (capsule i = (type, position)).
+        """
+        b, i, e = u.shape
+        j, d = self.out_caps, self.out_dim
+        if self.shared:
+            t = self.types
+            u_g = u.view(b, t, i // t, e).permute(1, 0, 2, 3).reshape(t, b * (i // t), e)  # [t, b*pos, e]
+        else:
+            u_g = u.transpose(0, 1)  # [i, b, e]
+        return torch.bmm(u_g, self.weight).view(u_g.shape[0], u_g.shape[1], j, d)
 
     def predictions(self, u: torch.Tensor) -> torch.Tensor:
         """u: [b, i, e] -> u_hat: [b, j, i, d]."""
-        b, i, e = u.shape
-        j, d = self.out_caps, self.out_dim
-        w = self.weight
-        if self.shared:
-            t = self.types
-            u_t = u.view(b, t, i // t, e).permute(1, 0, 2, 3).reshape(t, b * (i // t), e)  # [t, b*pos, e]
-            u_hat = torch.bmm(u_t, w)  # [t, b*pos, j*d]
-            u_hat = u_hat.view(t, b, i // t, j, d).permute(1, 3, 0, 2, 4).reshape(b, j, i, d)
-        else:
-            u_hat = torch.bmm(u.transpose(0, 1), w)  # [i, b, e] @ [i, e, j*d] -> [i, b, j*d]
-            u_hat = u_hat.view(i, b, j, d).permute(1, 2, 0, 3)  # [b, j, i, d]
-        return u_hat.contiguous()
+        b, i, _ = u.shape
+        g = self.grouped_predictions(u)  # [groups, b*P, j, d]
+        u_hat = g.view(g.shape[0], b, -1, self.out_caps, self.out_dim)  # [groups, b, P, j, d]
+        return u_hat.permute(1, 3, 0, 2, 4).reshape(b, self.out_caps, i, self.out_dim)
 
     def fusable_predictions(self, u: torch.Tensor) -> torch.Tensor:
         """u: [b, i, e] -> u_hat: [b, i, j, d] as broadcast and sum, which torch.compile fuses
@@ -73,6 +81,10 @@ class DigitCaps(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u: [b, i, e] primary capsules -> v: [b, j, d] output capsules."""
+        if (self.use_kernel and u.device.type == "cpu" and not torch.compiler.is_compiling()
+                and cpu_kernels.available()):
+            return cpu_kernels.FusedRouting.apply(self.grouped_predictions(u), u.shape[0], self.routing_iters,
+                                                  self.detach_routing)
         if torch.compiler.is_compiling():  # one fused pass per routing iteration
             return dynamic_routing_fusable(self.fusable_predictions(u), self.routing_iters,
                                            detach_inner=self.detach_routing)

@@ -66,17 +66,19 @@ class CapsNet(nn.Module):
             raise RuntimeError("this model was built without a decoder (reconstruct=False)")
         return self.decoder(poses, select).float()
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> CapsNetOutput:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, *,
+                reconstruct: bool = True) -> CapsNetOutput:
         """Classify, and reconstruct through one capsule per image.
 
         During training pass the true labels: the decoder then learns from the capsule of
         the right class only (section 4.1), so it can't be helped by a wrong winner. At
         evaluation (labels=None) it reconstructs through the longest capsule.
+        reconstruct=False skips the decoder (recon is None): classification alone.
         """
         poses = self.route(self.encode(images))
         lengths = poses.norm(dim=-1)  # [b, j]
         recon = None
-        if self.decoder is not None:
+        if self.decoder is not None and reconstruct:
             select = labels if labels is not None else lengths.argmax(dim=1)
             recon = self.reconstruct(poses, select)
         return CapsNetOutput(lengths, poses, recon)

@@ -48,9 +48,14 @@ def compile_model(model: CapsNet) -> None:
 
     The routing loop is many small elementwise passes over u_hat; compiled, each iteration is
     one fused loop. Where compilation fails (no C++ compiler, say) dynamo falls back to eager.
+    On CPU, where the fused C++ routing kernel (cpu_kernels) builds, that is used instead.
     """
     import torch._dynamo
 
+    from . import cpu_kernels
+
+    if next(model.parameters()).device.type == "cpu" and cpu_kernels.available():
+        return  # the hand-written routing kernel beats the compiled one on CPU (see bench)
     torch._dynamo.config.suppress_errors = True
     model.digits.compile()
 
@@ -71,11 +76,12 @@ def step(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, cfg: TrainC
     """One batch, shared by training (with an optimizer) and evaluation (without).
 
     Returns (loss, number correct) as tensors, so a GPU is never made to wait for the host.
+    Evaluation measures classification only: it skips the decoder, and its loss is the margin loss.
     """
     train = optimizer is not None
     with autocast(images.device, precision):
-        # Training reconstructs through the true class; evaluation through the longest capsule.
-        out = model(images, labels if train else None)
+        # Training reconstructs through the true class (section 4.1), never through the winner.
+        out = model(images, labels if train else None, reconstruct=train)
     loss, _, _ = capsule_loss(out.lengths, labels, out.recon, images, m_plus=cfg.m_plus, m_minus=cfg.m_minus,
                               lambda_absent=cfg.lambda_absent, recon_weight=cfg.recon_weight)
     if train:

@@ -1,0 +1,109 @@
+"""The fused CPU routing kernel (kernels/routing_cpu.cpp): built on first use, called via ctypes.
+
+The source is compiled once per machine with the system's C++ compiler into the cache
+(~/.cache/capsnet/kernels, or $CAPSNET_CACHE). Where there is no compiler, or the build fails,
+`available()` is False and capsnet routes with PyTorch operations instead; nothing else changes.
+CAPSNET_NO_KERNELS=1 turns the kernel off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels") / "routing_cpu.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-ffast-math", "-mprefer-vector-width=512", "-fno-math-errno",
+         "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+_lib = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("CAPSNET_CACHE") or Path.home() / ".cache" / "capsnet"
+    return Path(root) / "kernels"
+
+
+def _build() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"routing_cpu_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
+        os.close(fd)
+        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            Path(tmp).unlink(missing_ok=True)
+            warnings.warn(f"capsnet: could not build the CPU routing kernel ({proc.stderr.strip()[:200]}); "
+                          "using PyTorch operations")
+            return None
+        os.replace(tmp, target)  # atomic: a concurrent process sees the whole library or none
+    lib = ctypes.CDLL(str(target))
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.routing_forward.argtypes = [ptr, i32, i64, i64, i64, i64, i32, i32, i32, i32, i32, ptr, ptr, ptr, i32]
+    lib.routing_backward.argtypes = [ptr, i32, i64, i64, i64, i64, i32, i32, i32, i32, i32, ptr, ptr, ptr, ptr,
+                                     i32, i32]
+    return lib
+
+
+def available() -> bool:
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("CAPSNET_NO_KERNELS") != "1":
+            try:
+                _lib = _build()
+            except OSError as exc:
+                warnings.warn(f"capsnet: CPU routing kernel unavailable ({exc}); using PyTorch operations")
+                _lib = None
+    return _lib is not None
+
+
+def _layout(u_hat: torch.Tensor, batch: int, groups: int):
+    """u_hat as the bmm produced it: [groups, batch * P, J, D] -> (sb, st, sp, P) of row (b, i)."""
+    g, bp, j, d = u_hat.shape
+    p = bp // batch
+    assert u_hat.is_contiguous() and g == groups and bp == batch * p
+    return p * j * d, bp * j * d, j * d, p
+
+
+class FusedRouting(torch.autograd.Function):
+    """v [B, J, D] (float32) from u_hat laid out [groups, B * P, J, D] (float32 or bf16)."""
+
+    @staticmethod
+    def forward(ctx, u_hat, batch: int, iterations: int, detach_inner: bool):
+        groups, _, j, d = u_hat.shape
+        n_in = groups * (u_hat.shape[1] // batch)
+        sb, st, sp, p = _layout(u_hat, batch, groups)
+        bf16 = u_hat.dtype == torch.bfloat16
+        assert bf16 or u_hat.dtype == torch.float32
+        v = u_hat.new_empty(batch, j, d, dtype=torch.float32)
+        c_save = u_hat.new_empty(iterations, batch, n_in, j, dtype=torch.float32)
+        s_save = u_hat.new_empty(iterations, batch, j, d, dtype=torch.float32)
+        _lib.routing_forward(u_hat.data_ptr(), int(bf16), sb, st, sp, p, batch, n_in, j, d, iterations,
+                             v.data_ptr(), c_save.data_ptr(), s_save.data_ptr(), torch.get_num_threads())
+        ctx.save_for_backward(u_hat, c_save, s_save)
+        ctx.args = (batch, n_in, iterations, detach_inner, (sb, st, sp, p), bf16)
+        return v
+
+    @staticmethod
+    def backward(ctx, grad_v):
+        u_hat, c_save, s_save = ctx.saved_tensors
+        batch, n_in, iterations, detach_inner, (sb, st, sp, p), bf16 = ctx.args
+        grad_v = grad_v.float().contiguous()
+        grad_u = torch.empty_like(u_hat)
+        _, _, j, d = u_hat.shape
+        _lib.routing_backward(u_hat.data_ptr(), int(bf16), sb, st, sp, p, batch, n_in, j, d, iterations,
+                              c_save.data_ptr(), s_save.data_ptr(), grad_v.data_ptr(), grad_u.data_ptr(),
+                              int(detach_inner), torch.get_num_threads())
+        return grad_u, None, None, None

@@ -1,0 +1,59 @@
+"""The fused C++ routing kernel computes exactly what the PyTorch routing computes."""
+import pytest
+import torch
+
+from capsnet import cpu_kernels
+from capsnet.layers import DigitCaps
+from capsnet.routing import dynamic_routing
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler: the kernel is optional")
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3, 5])
+@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("sizes", [(10, 16), (4, 8)])  # the compiled-in MNIST shape and the generic path
+def test_kernel_matches_autograd(iters, detach, sizes):
+    torch.manual_seed(iters)
+    j, d = sizes
+    u_hat = (torch.randn(300, 6, j, d) * 0.1).requires_grad_()  # grouped layout [i, b, j, d]
+    v = cpu_kernels.FusedRouting.apply(u_hat, 6, iters, detach)
+    grad = torch.randn_like(v)
+    g_kernel, = torch.autograd.grad(v, u_hat, grad)
+    ref_in = u_hat.detach().double().requires_grad_()
+    ref = dynamic_routing(ref_in.permute(1, 2, 0, 3), iters, detach_inner=detach)  # [b, j, i, d]
+    g_ref, = torch.autograd.grad(ref, ref_in, grad.double())
+    assert torch.allclose(v.double(), ref, atol=1e-6)
+    assert ((g_kernel.double() - g_ref).norm() / g_ref.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_layer_with_kernel_matches_layer_without(shared):
+    torch.manual_seed(0)
+    layer = DigitCaps(in_caps=72, in_dim=8, out_caps=10, out_dim=16, routing_iters=3, types=8, shared=shared)
+    u = torch.randn(5, 72, 8, requires_grad=True)
+    results = []
+    for use_kernel in (True, False):
+        layer.use_kernel = use_kernel
+        layer.zero_grad()
+        v = layer(u)
+        g_u, = torch.autograd.grad(v.pow(2).sum(), u, retain_graph=True)
+        g_w, = torch.autograd.grad(v.pow(2).sum(), layer.weight)
+        results.append((v, g_u, g_w))
+    for ours, ref in zip(*results):
+        assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+
+
+def test_bf16_kernel_is_close_to_fp32():
+    torch.manual_seed(1)
+    u_hat = torch.randn(1152, 4, 10, 16) * 0.05
+    v32 = cpu_kernels.FusedRouting.apply(u_hat, 4, 3, False)
+    v16 = cpu_kernels.FusedRouting.apply(u_hat.bfloat16(), 4, 3, False)
+    assert v16.dtype == torch.float32
+    assert ((v16 - v32).norm() / v32.norm()) < 1e-2
+    g = torch.randn_like(v32)
+    a = u_hat.clone().requires_grad_()
+    b = u_hat.bfloat16().requires_grad_()
+    g32, = torch.autograd.grad(cpu_kernels.FusedRouting.apply(a, 4, 3, False), a, g)
+    g16, = torch.autograd.grad(cpu_kernels.FusedRouting.apply(b, 4, 3, False), b, g)
+    assert g16.dtype == torch.bfloat16
+    assert ((g16.float() - g32).norm() / g32.norm()) < 2e-2
