@@ -57,3 +57,12 @@ def test_bf16_kernel_is_close_to_fp32():
     g16, = torch.autograd.grad(cpu_kernels.FusedRouting.apply(b, 4, 3, False), b, g)
     assert g16.dtype == torch.bfloat16
     assert ((g16.float() - g32).norm() / g32.norm()) < 2e-2
+
+
+def test_inference_path_gives_the_same_capsules():
+    torch.manual_seed(2)
+    u_hat = torch.randn(100, 3, 10, 16) * 0.1
+    with torch.no_grad():
+        v_inference = cpu_kernels.FusedRouting.apply(u_hat, 3, 3, False)
+    v_train = cpu_kernels.FusedRouting.apply(u_hat.clone().requires_grad_(), 3, 3, False)
+    assert torch.equal(v_inference, v_train.detach())

@@ -88,6 +88,10 @@ class FusedRouting(torch.autograd.Function):
         bf16 = u_hat.dtype == torch.bfloat16
         assert bf16 or u_hat.dtype == torch.float32
         v = u_hat.new_empty(batch, j, d, dtype=torch.float32)
+        if not ctx.needs_input_grad[0]:  # inference: nothing to keep for a backward pass
+            _lib.routing_forward(u_hat.data_ptr(), int(bf16), sb, st, sp, p, batch, n_in, j, d, iterations,
+                                 v.data_ptr(), None, None, torch.get_num_threads())
+            return v
         c_save = u_hat.new_empty(iterations, batch, n_in, j, dtype=torch.float32)
         s_save = u_hat.new_empty(iterations, batch, j, d, dtype=torch.float32)
         _lib.routing_forward(u_hat.data_ptr(), int(bf16), sb, st, sp, p, batch, n_in, j, d, iterations,

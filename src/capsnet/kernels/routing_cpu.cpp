@@ -82,11 +82,11 @@ void forward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, float* v
       for (int k = 0; k < J * D; ++k) s[k] += load(u, row + k);
     }
     for (int k = 0; k < J * D; ++k) s[k] /= static_cast<float>(J);
-    std::memcpy(s_save + (static_cast<int64_t>(0) * B + b) * J * D, s.data(), sizeof(float) * J * D);
+    if (s_save) std::memcpy(s_save + static_cast<int64_t>(b) * J * D, s.data(), sizeof(float) * J * D);
     for (int r = 1; r < R; ++r) {
       squash(s.data(), v.data(), J, D);
       std::fill(s.begin(), s.end(), 0.f);
-      float* c_r = c_save + (static_cast<int64_t>(r) * B + b) * I * J;
+      float* c_r = c_save ? c_save + (static_cast<int64_t>(r) * B + b) * I * J : nullptr;  // null: inference
       for (int i = 0; i < I; ++i) {
         const int64_t row = L.row(b, i);
         float* lg = logits.data() + static_cast<int64_t>(i) * J;
@@ -101,11 +101,11 @@ void forward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, float* v
         for (int j = 0; j < J; ++j) total += (c[j] = std::exp(lg[j] - mx));
         for (int j = 0; j < J; ++j) {  // softmax over the parents j, then s_j += c_ij u_hat_j|i
           const float cij = c[j] / total;
-          c_r[i * J + j] = cij;
+          if (c_r) c_r[i * J + j] = cij;
           for (int d = 0; d < D; ++d) s[j * D + d] += cij * load(u, row + j * D + d);
         }
       }
-      std::memcpy(s_save + (static_cast<int64_t>(r) * B + b) * J * D, s.data(), sizeof(float) * J * D);
+      if (s_save) std::memcpy(s_save + (static_cast<int64_t>(r) * B + b) * J * D, s.data(), sizeof(float) * J * D);
     }
     squash(s.data(), v_out + static_cast<int64_t>(b) * J * D, J, D);
   }
