@@ -61,6 +61,12 @@ def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128
         compile = False
     if compile:
         compile_model(model)
+    from . import cpu_kernels
+
+    if device.type == "cpu" and model.digits.use_kernel and cpu_kernels.available():
+        routing = "C++ kernel"
+    else:
+        routing = "torch.compile" if compile else "PyTorch ops"
     cfg = TrainConfig(batch_size=batch)
     optimizer = make_optimizer(model, cfg, device, fused=not baseline)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -85,7 +91,7 @@ def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128
     return {"train_img_s": round(batch / t_train, 1), "eval_img_s": round(batch / t_eval, 1),
             "train_step_ms": round(t_train * 1000, 1), "peak_mem_mb": round(train_peak, 1),
             "precision": precision, "batch": batch, "threads": torch.get_num_threads(), "device": str(device),
-            "device_name": describe(device), "torch": torch.__version__, "compile": compile,
+            "device_name": describe(device), "torch": torch.__version__, "routing": routing,
             "formulation": "baseline" if baseline else "capsnet"}
 
 

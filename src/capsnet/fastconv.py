@@ -82,24 +82,3 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     with torch.autocast("cpu", enabled=False):
         return _GemmWeightGradConv.apply(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), stride)
 
-
-def conv_relu_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        negative_slope: float = 0.0) -> torch.Tensor | None:
-    """conv2d + (leaky) ReLU as one oneDNN call, for inference on CPU; None where unavailable.
-
-    The separate ReLU over conv1's output (13M values for 128 images) costs about as much as
-    conv1 itself; fused, it is applied while the output is still in cache.
-    """
-    op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
-    if op is None or x.device.type != "cpu" or torch.is_grad_enabled():
-        return None
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
-        x, weight = x.bfloat16(), weight.bfloat16()
-        bias = None if bias is None else bias.bfloat16()
-    elif x.dtype != weight.dtype:
-        return None
-    attr, scalars = ("leaky_relu", [negative_slope]) if negative_slope else ("relu", [])
-    try:
-        return op(x, weight, bias, [0, 0], [1, 1], [1, 1], 1, attr, scalars, "")
-    except RuntimeError:  # an input this oneDNN build won't fuse
-        return None

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fastconv
 from .config import ModelConfig
 from .layers import DigitCaps, PrimaryCaps
 
@@ -54,11 +53,8 @@ class CapsNet(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """[b, c, h, w] -> primary capsules [b, i, 8]."""
-        slope = self.cfg.leaky_slope if self.cfg.leaky_relu else 0.0
-        h = fastconv.conv_relu_inference(images, self.conv1.weight, self.conv1.bias, slope)
-        if h is None:  # training, or no fused kernel here
-            h = self.conv1(images)
-            h = F.leaky_relu(h, slope) if self.cfg.leaky_relu else F.relu(h)
+        h = self.conv1(images)
+        h = F.leaky_relu(h, self.cfg.leaky_slope) if self.cfg.leaky_relu else F.relu(h)
         return self.primary(h)
 
     def route(self, primary: torch.Tensor) -> torch.Tensor:
