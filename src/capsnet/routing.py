@@ -38,6 +38,16 @@ def dynamic_routing(u_hat: torch.Tensor, iterations: int, *, detach_inner: bool 
     With detach_inner, the inner iterations (all but the last) see u_hat without its
     gradient, a common variant; the paper's own code lets gradients through every one.
     """
+    return _route(u_hat, iterations, detach_inner)[0]
+
+
+def coupling_coefficients(u_hat: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The couplings c_ij used in the last routing iteration: [b, j, i]. For inspection."""
+    return _route(u_hat, iterations, False)[1]
+
+
+def _route(u_hat: torch.Tensor, iterations: int, detach_inner: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v [b, j, d], the last iteration's couplings c [b, j, i]) for u_hat [b, j, i, d]."""
     b, j, i, _ = u_hat.shape
     logits = u_hat.new_zeros(b, j, i)  # b_ij, the routing logits, start at 0
     for r in range(iterations):
@@ -48,7 +58,7 @@ def dynamic_routing(u_hat: torch.Tensor, iterations: int, *, detach_inner: bool 
         v = squash(s)  # [b, j, d]
         if not last:
             logits = logits + torch.einsum("bjid,bjd->bji", u, v)  # agreement u_hat . v
-    return v
+    return v, c
 
 
 def dynamic_routing_fusable(u_hat: torch.Tensor, iterations: int, *, detach_inner: bool = False) -> torch.Tensor:
@@ -69,12 +79,3 @@ def dynamic_routing_fusable(u_hat: torch.Tensor, iterations: int, *, detach_inne
             logits = logits + (u * v.unsqueeze(1)).sum(dim=-1)
     return v
 
-
-def coupling_coefficients(u_hat: torch.Tensor, iterations: int) -> torch.Tensor:
-    """The couplings c_ij used in the last routing iteration: [b, j, i]. For inspection."""
-    b, j, i, _ = u_hat.shape
-    logits = u_hat.new_zeros(b, j, i)
-    for _ in range(iterations - 1):
-        v = squash(torch.einsum("bji,bjid->bjd", torch.softmax(logits, dim=1), u_hat))
-        logits = logits + torch.einsum("bjid,bjd->bji", u_hat, v)
-    return torch.softmax(logits, dim=1)

@@ -140,7 +140,7 @@ def train_one_epoch(model, optimizer: torch.optim.Optimizer, images: torch.Tenso
 @torch.no_grad()
 def evaluate(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
              precision: str) -> tuple[int, int]:
-    """(number correct, number of images), unshifted, reconstructing through the winner."""
+    """(number correct, number of images) on unshifted images; classification only."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
