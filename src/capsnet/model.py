@@ -53,8 +53,10 @@ class CapsNet(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """[b, c, h, w] -> primary capsules [b, i, 8]."""
-        h = self.conv1(images)
-        h = F.leaky_relu(h, self.cfg.leaky_slope) if self.cfg.leaky_relu else F.relu(h)
+        h = self.conv1(images)  # [b, 256, 20, 20]
+        # In place: conv1's output is not needed for its own backward, and a fresh 13M-value
+        # tensor per batch costs more (new pages) than the ReLU itself (measured: 30 ms vs 13 ms).
+        h = F.leaky_relu(h, self.cfg.leaky_slope, inplace=True) if self.cfg.leaky_relu else F.relu(h, inplace=True)
         return self.primary(h)
 
     def route(self, primary: torch.Tensor) -> torch.Tensor:
