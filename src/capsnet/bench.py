@@ -50,9 +50,9 @@ def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128
               warmup: int = 3, compile: bool = True, baseline: bool = False, seed: int = 0) -> dict:
     """Time training and inference (classification: no decoder). baseline=True measures the plain
     formulation this project started from (library convolution gradients, routing as PyTorch
-    operations, no compilation, unfused Adam) for comparison."""
+    operations, no compilation, unfused Adam, glibc's default allocator settings) for comparison."""
     precision = resolve_precision(precision, device)
-    configure(device, precision)
+    configure(device, precision, keep_memory=not baseline)
     torch.manual_seed(seed)
     model = CapsNet(ModelConfig()).to(device)
     if baseline:

@@ -75,10 +75,10 @@ def keep_freed_memory() -> bool:
                 and mallopt(m_top_pad, 64 << 20))
 
 
-def configure(device: torch.device, precision: str) -> None:
+def configure(device: torch.device, precision: str, *, keep_memory: bool = True) -> None:
     """Global switches that go with a device and precision: TF32 matmuls on CUDA; on the CPU,
-    glibc keeping freed memory (keep_freed_memory)."""
-    if device.type == "cpu":
+    glibc keeping freed memory (keep_freed_memory) unless keep_memory is False."""
+    if device.type == "cpu" and keep_memory:
         keep_freed_memory()
     if device.type == "cuda":
         allow = precision in ("tf32", "bf16")
