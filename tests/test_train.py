@@ -98,3 +98,18 @@ def test_capsnet_learns_real_mnist(mnist):
         cfg = TrainConfig(epochs=4, batch_size=32, val_size=0)  # 4 x 63 = 252 steps, default precision
         summary = fit(model_config_for(data), cfg, data, run, torch.device("cpu"), verbose=False)
     assert summary["test_acc"] > 0.90, summary
+
+
+def test_progress_bar_shows_loss_and_running_accuracy(capsys):
+    from capsnet.train import EpochLog
+
+    log = EpochLog(True)
+    log.tty = True  # as on a terminal
+    update = log.start(0, 3, total=8)
+    update(4, torch.tensor(0.5), torch.tensor(3))
+    update(4, torch.tensor(0.25), torch.tensor(1))
+    assert log.bar.postfix == "acc=50.00%, loss=0.2500"  # 4 right of 8 seen
+    log.end({"epoch": 1, "lr": 1e-3, "train_loss": 0.3, "train_acc": 0.5, "val_acc": 0.75, "img_s": 10.0,
+             "seconds": 1.0})
+    out = capsys.readouterr().out
+    assert "epoch 1" in out and "val 75.00%" in out and "10 img/s" in out

@@ -128,7 +128,7 @@ def train_one_epoch(model, optimizer: torch.optim.Optimizer, images: torch.Tenso
         loss_sum += loss * len(idx)
         correct += ok
         if progress is not None:
-            progress(len(idx) * dist.world, loss)
+            progress(len(idx) * dist.world, loss, ok * dist.world)
     seconds = time.perf_counter() - start
     seen = len(order) * dist.world
     totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)])
@@ -213,15 +213,19 @@ class EpochLog:
 
             self.bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="img", leave=True,
                             dynamic_ncols=True)
-            self.t0, self.seen = time.perf_counter(), 0
+            self.steps, self.correct = 0, 0
             return self.update
         return None
 
-    def update(self, n: int, loss: torch.Tensor):
-        self.seen += n
+    def update(self, n: int, loss: torch.Tensor, correct: torch.Tensor):
+        """After each batch: advance the bar (tqdm shows img/s); loss and running accuracy every
+        10 batches, since reading them waits for the device."""
         self.bar.update(n)
-        if self.bar.n == n or self.bar.n >= self.bar.total or self.seen % (n * 10) < n:
-            self.bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{self.seen / (time.perf_counter() - self.t0):.0f}")
+        self.steps += 1
+        self.correct += correct  # a tensor: summed on the device, read below
+        if self.steps % 10 == 1 or self.bar.n >= self.bar.total:
+            acc = float(self.correct) / self.bar.n
+            self.bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{acc * 100:.2f}%")
 
     def end(self, record: dict):
         if self.bar is not None:
