@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="one JSON line")
     _device_args(b)
 
+    r = sub.add_parser("report", help="a markdown table of finished runs (as in the README)")
+    r.add_argument("runs", nargs="*", type=Path, help="run directories (default: every run under --results)")
+    r.add_argument("--results", type=Path, default=Path("docs/results"))
+
     d = sub.add_parser("data", help="fetch and verify a data set into the cache")
     d.add_argument("--dataset", default="mnist")
     d.add_argument("--data-dir", type=Path, default=None)
@@ -216,6 +220,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import finished_runs, results_table
+
+    folders = args.runs or finished_runs(args.results)
+    if not folders:
+        raise CapsNetError(f"{args.results}: no finished runs (folders with summary.json) here")
+    print(results_table(folders))
+    return 0
+
+
 def cmd_data(args) -> int:
     from .data import fetch_dataset
 
@@ -225,7 +239,7 @@ def cmd_data(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "visualize": cmd_visualize, "bench": cmd_bench,
-            "data": cmd_data}
+            "report": cmd_report, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:
