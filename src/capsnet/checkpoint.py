@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, from_dict
+from .config import ModelConfig, from_dict, to_dict
 from .errors import CapsNetError
 
 FORMAT = "capsnet-checkpoint"
@@ -34,10 +34,15 @@ def load_checkpoint(path: Path) -> dict:
 
 def model_payload(model, *, epoch: int, val_acc: float | None) -> dict:
     """What model.pt holds: enough to rebuild and run the model, nothing to resume training."""
-    from .config import to_dict
-
     return {"format": FORMAT, "version": VERSION, "kind": "model", "model_config": to_dict(model.cfg),
             "model": model.state_dict(), "epoch": epoch, "val_acc": val_acc}
+
+
+def train_state_payload(model, optimizer, train_config, *, epoch: int, best: dict) -> dict:
+    """What last.pt holds: everything `--resume` needs to continue exactly where it stopped."""
+    return {"format": FORMAT, "version": VERSION, "kind": "train-state", "epoch": epoch,
+            "model_config": to_dict(model.cfg), "train_config": to_dict(train_config), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "best": best, "rng_cpu": torch.get_rng_state()}
 
 
 def build_model(ckpt: dict, path: Path | str = "checkpoint"):

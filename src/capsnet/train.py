@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .checkpoint import FORMAT, VERSION, load_checkpoint, model_payload
+from .checkpoint import load_checkpoint, model_payload, train_state_payload
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
 from .data import Dataset
 from .data.augment import random_shift
@@ -328,10 +328,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
         if selected:
             best = {"val_acc": record["val_acc"] if record["val_acc"] is not None else -1.0, "epoch": epoch + 1}
             atomic_torch_save(model_payload(model, epoch=epoch + 1, val_acc=record["val_acc"]), run_dir / "model.pt")
-        atomic_torch_save({"format": FORMAT, "version": VERSION, "kind": "train-state", "epoch": epoch + 1,
-                           "model_config": to_dict(model_cfg), "train_config": to_dict(cfg),
-                           "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
-                           "rng_cpu": torch.get_rng_state()}, run_dir / "last.pt")
+        atomic_torch_save(train_state_payload(model, optimizer, cfg, epoch=epoch + 1, best=best), run_dir / "last.pt")
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
