@@ -81,7 +81,15 @@ def test_resume_with_another_architecture_is_refused(trained_run, capsys):
     assert_one_line_error(code, err, "shared_weights=False", "--shared-weights")
 
 
+def test_resume_refuses_another_recipe(trained_run, capsys):
+    code, _, err = run_cli(capsys, "train", "--resume", str(trained_run), "--recipe", "fast")
+    assert_one_line_error(code, err, "--recipe default", "--recipe fast")
+
+
 @pytest.mark.parametrize("argv,needle", [
+    (["train", "--recipe", "slow"], "invalid choice: 'slow'"),
+    (["train", "--ema", "1.5"], "ema: must be in [0, 1)"),
+    (["train", "--schedule", "linear"], "invalid choice: 'linear'"),
     (["train", "-b", "0"], "batchsize: must be positive"),
     (["train", "-b", "-5"], "batchsize: must be positive"),
     (["train", "-e", "-1"], "epoch: must be 0 or more"),

@@ -10,18 +10,35 @@ from capsnet.train import evaluate, fit, prepare_run_dir, resume_state, step
 from conftest import small_model_config, synthetic
 
 
-def _fit(tmp_path, data, epochs, resume=None, name="run"):
+def _fit(tmp_path, data, epochs, resume=None, name="run", **settings):
     run = tmp_path / name
     if resume is None:
         prepare_run_dir(run, force=False)
-    cfg = TrainConfig(epochs=epochs, batch_size=32, val_size=16, precision="fp32", seed=3)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, val_size=16, precision="fp32", seed=3, **settings)
     return run, fit(small_model_config(data), cfg, data, run, torch.device("cpu"), resume=resume, verbose=False)
 
 
-def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, tiny_data):
-    straight, _ = _fit(tmp_path, tiny_data, 3, name="straight")
-    split, _ = _fit(tmp_path, tiny_data, 2, name="split")
-    _, summary = _fit(tmp_path, tiny_data, 3, resume=resume_state(split), name="split")
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(epochs):
+    def hook(epoch, model):
+        if epoch > epochs:  # called before epoch's checkpoint: last.pt keeps `epochs`
+            raise _Stop
+    return hook
+
+
+@pytest.mark.parametrize("settings", [{}, {"schedule": "cosine", "ema_decay": 0.9}], ids=["exp", "cosine-ema"])
+def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, tiny_data, settings):
+    straight, _ = _fit(tmp_path, tiny_data, 3, name="straight", **settings)
+    split = tmp_path / "split"
+    prepare_run_dir(split, force=False)
+    cfg = TrainConfig(epochs=3, batch_size=32, val_size=16, precision="fp32", seed=3, **settings)
+    with pytest.raises(_Stop):  # interrupted during epoch 3
+        fit(small_model_config(tiny_data), cfg, tiny_data, split, torch.device("cpu"), verbose=False,
+            on_epoch_end=_stop_after(2))
+    _, summary = _fit(tmp_path, tiny_data, 3, resume=resume_state(split), name="split", **settings)
     a = load_checkpoint(straight / "last.pt")
     b = load_checkpoint(split / "last.pt")
     assert a["epoch"] == b["epoch"] == 3
@@ -31,7 +48,11 @@ def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, tiny_data):
     lines_b = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines_b] == [1, 2, 3]
     assert [x["train_loss"] for x in lines_a] == [x["train_loss"] for x in lines_b]
+    assert [x["val_acc"] for x in lines_a] == [x["val_acc"] for x in lines_b]
     assert summary["test_images"] == 40
+    if settings.get("ema_decay"):
+        for key in a["average"]["model"]:
+            assert torch.equal(a["average"]["model"][key], b["average"]["model"][key]), key
 
 
 def test_run_directory_contents(tmp_path, tiny_data):

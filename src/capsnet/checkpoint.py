@@ -38,11 +38,17 @@ def model_payload(model, *, epoch: int, val_acc: float | None) -> dict:
             "model": model.state_dict(), "epoch": epoch, "val_acc": val_acc}
 
 
-def train_state_payload(model, optimizer, train_config, *, epoch: int, best: dict) -> dict:
-    """What last.pt holds: everything `--resume` needs to continue exactly where it stopped."""
-    return {"format": FORMAT, "version": VERSION, "kind": "train-state", "epoch": epoch,
-            "model_config": to_dict(model.cfg), "train_config": to_dict(train_config), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "best": best, "rng_cpu": torch.get_rng_state()}
+def train_state_payload(model, optimizer, train_config, *, epoch: int, best: dict, average=None,
+                        elapsed: float = 0.0) -> dict:
+    """What last.pt holds: everything `--resume` needs to continue exactly where it stopped
+    (average: the WeightAverage, if the recipe keeps one; elapsed: wall seconds so far)."""
+    payload = {"format": FORMAT, "version": VERSION, "kind": "train-state", "epoch": epoch,
+               "model_config": to_dict(model.cfg), "train_config": to_dict(train_config),
+               "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
+               "rng_cpu": torch.get_rng_state(), "elapsed": elapsed}
+    if average is not None:
+        payload["average"] = average.state_dict()
+    return payload
 
 
 def build_model(ckpt: dict, path: Path | str = "checkpoint"):

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .config import RECIPES, SCHEDULES
 from .errors import CapsNetError
 
 # Model flags: None means "not given", so --resume can tell a conflicting flag from a default.
@@ -28,6 +29,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-g", "--gpu", type=int, default=None, help="GPU index, -1 for the CPU (the seed's flag)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -47,10 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train a CapsNet; writes a run directory")
+    t.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="named settings to start from: default (the Chainer port's), fast (40 minutes on a "
+                        "2-core CPU); the flags below change them further")
     t.add_argument("-e", "--epoch", type=_non_negative, default=None, help="epochs (default 10)")
     t.add_argument("-b", "--batchsize", type=_positive, default=None, help="batch size (default 256)")
     t.add_argument("-d", "--decay", type=float, default=None, help="learning-rate decay per epoch (default 0.95)")
     t.add_argument("--lr", type=float, default=None, help="initial learning rate (default 1e-3)")
+    t.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="exp: x decay per epoch (default); cosine: per step down to the floor by the last epoch")
+    t.add_argument("--ema", type=_fraction, default=None, metavar="DECAY",
+                   help="evaluate and save a moving average of the weights (e.g. 0.999; default off)")
     t.add_argument("-s", "--seed", type=int, default=None, help="random seed (default 789)")
     t.add_argument("--save", type=Path, default=None, help="run directory (default runs/<dataset>)")
     t.add_argument("--resume", type=Path, default=None, help="continue the run in this directory")
@@ -117,7 +132,7 @@ def cmd_train(args) -> int:
 
     import torch.distributed
 
-    from .config import TrainConfig
+    from .config import recipe_config
     from .data import load_dataset
     from .runtime import close_distributed, init_distributed
     from .train import configs_from_state, fit, model_config_for, prepare_run_dir, resume_state
@@ -126,7 +141,7 @@ def cmd_train(args) -> int:
     train_overrides = {"epochs": args.epoch, "batch_size": args.batchsize, "lr_decay": args.decay, "lr": args.lr,
                        "seed": args.seed, "limit": args.limit, "val_size": args.val, "dataset": args.dataset,
                        "precision": args.precision, "test_every_epoch": args.test_every_epoch or None,
-                       "compile": args.compile}
+                       "compile": args.compile, "schedule": args.schedule, "ema_decay": args.ema}
     train_overrides = {k: v for k, v in train_overrides.items() if v is not None}
     model_overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
 
@@ -136,18 +151,21 @@ def cmd_train(args) -> int:
         run_dir = args.resume
         state = resume_state(run_dir)
         model_cfg, cfg = configs_from_state(state)
+        if args.recipe is not None and args.recipe != cfg.recipe:
+            raise CapsNetError(f"{run_dir}: the run was started with --recipe {cfg.recipe}; it cannot switch to "
+                               f"--recipe {args.recipe}")
         for key, value in model_overrides.items():
             if getattr(model_cfg, key) != value:
                 raise CapsNetError(f"{run_dir}: the checkpoint was trained with {key}={getattr(model_cfg, key)}; "
                                    f"{MODEL_FLAGS[key]} asks for {value}. Start a new run instead")
         for key, value in train_overrides.items():
-            if key not in RESUMABLE and getattr(cfg, key) != value:
+            if (key not in RESUMABLE or (key == "epochs" and cfg.schedule == "cosine")) and getattr(cfg, key) != value:
                 raise CapsNetError(f"{run_dir}: the run was started with {key}={getattr(cfg, key)}; "
                                    f"resuming with {value} would not continue it")
         cfg = replace(cfg, **{k: v for k, v in train_overrides.items() if k in RESUMABLE})
     else:
         state = None
-        cfg = TrainConfig(**train_overrides)
+        cfg = recipe_config(args.recipe or "default", **train_overrides)
         run_dir = args.save or Path("runs") / cfg.dataset
         if dist.is_main:
             prepare_run_dir(run_dir, force=args.force)

@@ -18,6 +18,7 @@ from .checkpoint import load_checkpoint, model_payload, train_state_payload
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
 from .data import Dataset
 from .data.augment import random_shift
+from .averaging import WeightAverage
 from .errors import CapsNetError
 from .files import atomic_torch_save, write_json
 from .losses import capsule_loss
@@ -38,9 +39,16 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return g
 
 
-def learning_rate(cfg: TrainConfig, epoch: int) -> float:
-    """Exponential decay per epoch with a floor (epoch counts from 0)."""
-    return max(cfg.lr * cfg.lr_decay**epoch, cfg.lr_min)
+def learning_rate(cfg: TrainConfig, t: float) -> float:
+    """The learning rate at t epochs into the run (t = 2.5: halfway through the third epoch).
+
+    exp: lr x lr_decay per finished epoch, down to the floor lr_min (constant within an epoch).
+    cosine: half a cosine from lr at the start to lr_min at the end of the last epoch, per step.
+    """
+    if cfg.schedule == "cosine":
+        done = min(t / max(cfg.epochs, 1), 1.0)
+        return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1.0 + math.cos(math.pi * done))
+    return max(cfg.lr * cfg.lr_decay ** math.floor(t), cfg.lr_min)
 
 
 def compile_model(model: CapsNet) -> None:
@@ -102,8 +110,11 @@ class EpochResult:
 
 def train_one_epoch(model, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                     cfg: TrainConfig, epoch: int, precision: str, progress=None, *,
-                    dist: DistInfo = SINGLE) -> EpochResult:
+                    dist: DistInfo = SINGLE, average: WeightAverage | None = None) -> EpochResult:
     """One pass over (images, labels) in a fresh random order with fresh random shifts.
+
+    The learning rate is set before every step (learning_rate at the fraction of the epoch done);
+    average, if given, is updated after every step.
 
     model may be a DistributedDataParallel wrapper: every rank draws the same order and takes
     its own equal share of it (order[rank::world]), with shifts from its own stream. The
@@ -124,7 +135,12 @@ def train_one_epoch(model, optimizer: torch.optim.Optimizer, images: torch.Tenso
         idx = order[first:first + cfg.batch_size]
         x = random_shift(to_input(images[idx.to(images.device)], device), cfg.max_shift, gen)
         y = labels[idx.to(labels.device)].to(device, non_blocking=True)
+        lr = learning_rate(cfg, epoch + first / len(order))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         loss, ok = step(model, x, y, cfg, precision, optimizer)
+        if average is not None:
+            average.update()
         loss_sum += loss * len(idx)
         correct += ok
         if progress is not None:
@@ -255,6 +271,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
     """Train, checkpoint every epoch, select on validation, report test accuracy at the end.
 
     resume: a loaded last.pt; training continues after its epoch with its optimizer state.
+    With cfg.ema_decay > 0 the weights' moving average is what gets evaluated and saved as model.pt.
     dist: under torchrun, this process's rank; the model is wrapped in DistributedDataParallel
     and rank 0 alone evaluates, logs and writes the run directory.
     on_epoch_end(epoch, model): a hook called on every rank after each epoch's update.
@@ -269,12 +286,18 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = CapsNet(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    start_epoch, best = 0, {"val_acc": -1.0, "epoch": 0}
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    start_epoch, best, elapsed = 0, {"val_acc": -1.0, "epoch": 0}, 0.0
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
+        if average is not None:
+            average.load_state_dict(resume["average"])
         start_epoch, best = resume["epoch"], dict(resume["best"])
+        elapsed = float(resume.get("elapsed", 0.0))
         torch.set_rng_state(resume["rng_cpu"])
+    evaluated = average.model if average is not None else model  # what validation, test and model.pt see
+    started = time.perf_counter() - elapsed  # wall time of the run, carried across resumes
     if cfg.compile:
         compile_model(model)
     trainee = model  # what the training step calls; `model` stays the plain module we save
@@ -305,10 +328,9 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
     epoch_log = EpochLog(verbose)
     for epoch in range(start_epoch, cfg.epochs):
         lr = learning_rate(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         progress = epoch_log.start(epoch, cfg.epochs, train_x.shape[0])
-        result = train_one_epoch(trainee, optimizer, train_x, train_y, cfg, epoch, precision, progress, dist=dist)
+        result = train_one_epoch(trainee, optimizer, train_x, train_y, cfg, epoch, precision, progress, dist=dist,
+                                 average=average)
         if not math.isfinite(result.loss):
             raise CapsNetError(f"training diverged at epoch {epoch + 1} (loss {result.loss}); last.pt keeps "
                                f"epoch {epoch}")
@@ -319,16 +341,19 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": result.loss, "train_acc": result.acc,
                   "val_acc": None, "img_s": result.images / result.seconds, "seconds": result.seconds}
         if val_x.shape[0]:
-            ok, n = evaluate(model, val_x, val_y, cfg, precision)
+            ok, n = evaluate(evaluated, val_x, val_y, cfg, precision)
             record["val_acc"] = ok / n
         if cfg.test_every_epoch:  # for curves only: never used to select
-            ok, n = evaluate(model, data.test_images, data.test_labels, cfg, precision)
+            ok, n = evaluate(evaluated, data.test_images, data.test_labels, cfg, precision)
             record["test_acc"] = ok / n
         selected = record["val_acc"] is None or record["val_acc"] >= best["val_acc"]
         if selected:
             best = {"val_acc": record["val_acc"] if record["val_acc"] is not None else -1.0, "epoch": epoch + 1}
-            atomic_torch_save(model_payload(model, epoch=epoch + 1, val_acc=record["val_acc"]), run_dir / "model.pt")
-        atomic_torch_save(train_state_payload(model, optimizer, cfg, epoch=epoch + 1, best=best), run_dir / "last.pt")
+            atomic_torch_save(model_payload(evaluated, epoch=epoch + 1, val_acc=record["val_acc"]),
+                              run_dir / "model.pt")
+        record["elapsed"] = time.perf_counter() - started
+        atomic_torch_save(train_state_payload(model, optimizer, cfg, epoch=epoch + 1, best=best, average=average,
+                                              elapsed=record["elapsed"]), run_dir / "last.pt")
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -337,12 +362,13 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
 
     if not main:
         return {}
-    return finish(run_dir, data, cfg, device, precision, log=log, verbose=verbose)
+    return finish(run_dir, data, cfg, device, precision, log=log, verbose=verbose, started=started)
 
 
 def finish(run_dir: Path, data: Dataset, cfg: TrainConfig, device: torch.device, precision: str, *,
-           log: Callable = print, verbose: bool = True) -> dict:
-    """Test the selected model once and write summary.json."""
+           log: Callable = print, verbose: bool = True, started: float | None = None) -> dict:
+    """Test the selected model once and write summary.json (with the run's wall time since `started`,
+    a time.perf_counter() value, if given)."""
     from .checkpoint import build_model
 
     path = run_dir / "model.pt"
@@ -354,6 +380,8 @@ def finish(run_dir: Path, data: Dataset, cfg: TrainConfig, device: torch.device,
     summary = {"test_acc": ok / n, "test_errors": n - ok, "test_images": n, "selected_epoch": ckpt["epoch"],
                "val_acc": ckpt["val_acc"], "selection": "best validation accuracy" if ckpt["val_acc"] is not None
                else "last epoch (no validation split)", "precision": precision}
+    if started is not None:
+        summary["wall_seconds"] = time.perf_counter() - started
     write_json(run_dir / "summary.json", summary)
     if verbose:
         log(f"test accuracy {ok / n * 100:.2f}% ({n - ok} errors in {n}) with the model of epoch "

@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from capsnet.averaging import WeightAverage
+from capsnet.checkpoint import load_checkpoint
+from capsnet.config import RECIPES, TrainConfig, recipe_config
+from capsnet.train import fit, learning_rate, prepare_run_dir
+
+from conftest import small_model_config
+
+
+def test_exponential_schedule_is_constant_within_an_epoch_and_floored():
+    cfg = TrainConfig(lr=1e-3, lr_decay=0.5, lr_min=2e-4, epochs=10)
+    assert learning_rate(cfg, 0) == learning_rate(cfg, 0.99) == 1e-3
+    assert learning_rate(cfg, 1.5) == pytest.approx(5e-4)
+    assert learning_rate(cfg, 2) == pytest.approx(2.5e-4)
+    assert learning_rate(cfg, 7) == 2e-4
+
+
+def test_cosine_schedule_falls_smoothly_from_lr_to_the_floor():
+    cfg = TrainConfig(lr=1e-3, lr_min=1e-5, epochs=4, schedule="cosine")
+    ts = [i / 10 for i in range(41)]
+    rates = [learning_rate(cfg, t) for t in ts]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-5)
+    assert rates[20] == pytest.approx((1e-3 + 1e-5) / 2)  # halfway
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+
+
+def test_weight_average_follows_the_exponential_moving_average():
+    live = nn.Linear(3, 2)
+    avg = WeightAverage(live, decay=0.5)
+    start = live.weight.detach().clone()
+    expected = start.clone()
+    for n in range(1, 6):
+        with torch.no_grad():
+            live.weight.add_(1.0)
+        avg.update()
+        d = min(0.5, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * live.weight.detach()
+    assert torch.allclose(avg.model.weight, expected)
+    assert not torch.equal(avg.model.weight, live.weight)
+    assert not avg.model.weight.requires_grad
+
+
+def test_fast_recipe_and_overrides():
+    cfg = recipe_config("fast", epochs=2)
+    assert cfg.recipe == "fast" and cfg.epochs == 2
+    assert cfg.batch_size == RECIPES["fast"]["batch_size"] and cfg.ema_decay > 0 and cfg.schedule == "cosine"
+    assert recipe_config().recipe == "default" and recipe_config().ema_decay == 0
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipe_config("nope")
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+
+
+def test_with_averaging_model_pt_holds_the_average_and_last_pt_both(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    prepare_run_dir(run, force=False)
+    cfg = TrainConfig(epochs=2, batch_size=32, val_size=0, precision="fp32", ema_decay=0.9)
+    summary = fit(small_model_config(tiny_data), cfg, tiny_data, run, torch.device("cpu"), verbose=False)
+    last, model = load_checkpoint(run / "last.pt"), load_checkpoint(run / "model.pt")
+    assert last["average"]["updates"] == 2 * math.ceil(tiny_data.train_images.shape[0] / 32)
+    for key, value in model["model"].items():
+        assert torch.equal(value, last["average"]["model"][key]), key
+    assert any(not torch.equal(v, last["model"][k]) for k, v in model["model"].items())
+    assert summary["wall_seconds"] >= last["elapsed"] > 0
