@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from capsnet.cli import main
 from capsnet.config import TrainConfig
@@ -29,6 +30,15 @@ def test_report_rebuilds_the_table_from_run_logs(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 3 and out[2].startswith("| tiny | ")
     assert f"{summary['test_acc'] * 100:.2f}%" in out[2] and "`capsnet train -e 2`" in out[2]
+
+    png = tmp_path / "curves.png"
+    assert main(["report", "--results", str(tmp_path / "results"), "--ablation", "--curves", str(png)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].startswith("| tiny | 3 | yes | one per capsule | ReLU | 2 | ")
+    image = Image.open(png)
+    assert image.format == "PNG" and image.size[0] > image.size[1] > 200
+    colors = image.convert("RGB").getcolors(1 << 20)
+    assert len(colors) > 20  # lines and text were drawn, not a blank canvas
 
 
 def test_report_of_the_committed_results():

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="a markdown table of finished runs (as in the README)")
     r.add_argument("runs", nargs="*", type=Path, help="run directories (default: every run under --results)")
     r.add_argument("--results", type=Path, default=Path("docs/results"))
+    r.add_argument("--ablation", action="store_true", help="the architecture-switch table instead")
+    r.add_argument("--curves", type=Path, default=None, metavar="PNG",
+                   help="also draw the runs' training curves into this PNG (needs matplotlib)")
 
     d = sub.add_parser("data", help="fetch and verify a data set into the cache")
     d.add_argument("--dataset", default="mnist")
@@ -239,12 +242,14 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import finished_runs, results_table
+    from .report import ablation_table, finished_runs, results_table, training_curves
 
     folders = args.runs or finished_runs(args.results)
     if not folders:
         raise CapsNetError(f"{args.results}: no finished runs (folders with summary.json) here")
-    print(results_table(folders))
+    print(ablation_table(folders) if args.ablation else results_table(folders))
+    if args.curves is not None:
+        training_curves(folders, args.curves)
     return 0
 
 

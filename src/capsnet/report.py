@@ -1,4 +1,4 @@
-"""Tables from run directories: the README's results table is rebuilt from the logged runs.
+"""Tables and curves from run directories: the README's results are rebuilt from the logged runs.
 
 Each run directory (as `capsnet train` writes it, or its small files copied under
 docs/results/) holds config.json, metrics.jsonl and summary.json; nothing else is read.
@@ -21,6 +21,7 @@ def read_run(folder: Path) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise CapsNetError(f"{folder}: not a finished run directory ({exc})") from None
     train = config.get("train", {})
+    model = config.get("model", {})
     return {
         "name": folder.name,
         "test_acc": summary["test_acc"],
@@ -34,6 +35,13 @@ def read_run(folder: Path) -> dict:
         "device": config.get("device_name"),
         "command": "capsnet " + " ".join(config.get("argv") or []),
         "commit": (config.get("git_commit") or "")[:7],
+        "wall_seconds": summary.get("wall_seconds"),
+        "val_acc": summary.get("val_acc"),
+        "routing_iters": model.get("routing_iters"),
+        "reconstruct": model.get("reconstruct"),
+        "shared_weights": model.get("shared_weights"),
+        "leaky_relu": model.get("leaky_relu"),
+        "records": records,
     }
 
 
@@ -49,6 +57,63 @@ def results_table(folders: list[Path]) -> str:
                      f"({r['selected_epoch']}) | {minutes:.1f} min | {r['img_s']:.0f} | {r['precision']}, "
                      f"{r['batch']} | {r['device']} | `{r['command']}` | {r['commit']} |")
     return "\n".join(lines)
+
+
+def ablation_table(folders: list[Path]) -> str:
+    """The architecture switches of the paper's Table 1 and the Chainer port, one row per run."""
+    rows = [read_run(f) for f in folders]
+    lines = ["| run | routing iterations | reconstruction | transformation matrices | after conv1 | epochs | "
+             "validation accuracy | test accuracy (errors) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        val = f"{r['val_acc'] * 100:.2f}%" if r["val_acc"] is not None else "-"
+        lines.append(f"| {r['name']} | {r['routing_iters']} | {'yes' if r['reconstruct'] else 'no'} | "
+                     f"{'shared per type' if r['shared_weights'] else 'one per capsule'} | "
+                     f"{'leaky ReLU' if r['leaky_relu'] else 'ReLU'} | {r['epochs']} | {val} | "
+                     f"{r['test_acc'] * 100:.2f}% ({r['test_errors']}) |")
+    return "\n".join(lines)
+
+
+def training_curves(folders: list[Path], out: Path) -> Path:
+    """A PNG of each run's curves: training loss, and validation (and, if logged, test) accuracy per epoch."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise CapsNetError("drawing curves needs matplotlib: pip install 'capsnet[plots]'") from None
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .files import atomic_write
+
+    rows = [read_run(f) for f in folders]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    for i, r in enumerate(rows):
+        color = f"C{i}"
+        epochs = [rec["epoch"] for rec in r["records"]]
+        ax_loss.plot(epochs, [rec["train_loss"] for rec in r["records"]], color=color, marker=".", label=r["name"])
+        val = [(rec["epoch"], rec["val_acc"] * 100) for rec in r["records"] if rec.get("val_acc") is not None]
+        test = [(rec["epoch"], rec["test_acc"] * 100) for rec in r["records"] if rec.get("test_acc") is not None]
+        if val:
+            ax_acc.plot(*zip(*val), color=color, marker=".", label=f"{r['name']} validation")
+        if test:
+            ax_acc.plot(*zip(*test), color=color, marker=".", linestyle="--", label=f"{r['name']} test (not used)")
+        ax_acc.plot([r["selected_epoch"]], [r["test_acc"] * 100], color=color, marker="*", markersize=11,
+                    linestyle="none", label=f"{r['name']} final test {r['test_acc'] * 100:.2f}%")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss (margin + reconstruction)")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="held-out accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax_loss.legend(fontsize=8)
+    ax_acc.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(Path(out), buf.getvalue())
+    return Path(out)
 
 
 def finished_runs(root: Path) -> list[Path]:

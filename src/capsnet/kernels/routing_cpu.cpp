@@ -16,6 +16,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -111,6 +114,179 @@ void forward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, float* v
   }
 }
 
+#if defined(__AVX512F__)
+// The forward pass again, written for AVX-512 where D == 16 (one capsule = one register) and
+// J <= 16. The scalar loop above spends most of its time on what vector units do badly: ten
+// horizontal dot-product sums and ten scalar exps per input capsule. Here the J dot products of
+// an input capsule are summed together by one shuffle network (sum_each), and the softmax over
+// the J parents is one vector exp. Same arithmetic, same results to float rounding.
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {  // 16 bf16 -> 16 f32
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+inline __m512 add_pd_halves(__m512 a, __m512 b) {  // per 128-bit block: [a0+a2, a1+a3, b0+b2, b1+b3]
+  const __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+}
+
+// Lane k of the result is the sum of the 16 lanes of x[k]: four rounds of shuffle-and-add,
+// pairing vectors, then 64-bit halves, then 128-bit blocks twice.
+inline __m512 sum_each(const __m512 (&x)[16]) {
+  __m512 a[8], b[4];
+  for (int k = 0; k < 8; ++k)  // per block: [x_2k, x_2k+1, x_2k, x_2k+1] partial sums
+    a[k] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * k], x[2 * k + 1]), _mm512_unpackhi_ps(x[2 * k], x[2 * k + 1]));
+  for (int m = 0; m < 4; ++m) b[m] = add_pd_halves(a[2 * m], a[2 * m + 1]);  // per block: x_4m .. x_4m+3
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44), _mm512_shuffle_f32x4(b[0], b[1], 0xEE));
+  const __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44), _mm512_shuffle_f32x4(b[2], b[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(t, q, 0x88), _mm512_shuffle_f32x4(t, q, 0xDD));
+}
+
+// e^x for x <= 0 (softmax inputs after subtracting the max): 2^n e^r with n = round(x / ln 2),
+// r = x - n ln 2 (ln 2 split in two for accuracy), e^r by its degree-6 minimax polynomial.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <typename T, int J>
+void forward_avx512(const T* u, Layout L, int B, int I, int R, float* v_out, float* c_save, float* s_save,
+                    int threads) {
+  static_assert(J >= 1 && J <= 16, "one lane per parent capsule");
+  constexpr int D = 16, JD = J * D;
+  const __mmask16 parents = static_cast<__mmask16>((1u << J) - 1);
+  const int64_t groups = I / L.P;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int b = 0; b < B; ++b) {
+    std::vector<float> logits(static_cast<size_t>(I) * 16, 0.f);  // one padded register per input capsule
+    alignas(64) float s[JD], v[JD], c[16];
+    __m512 acc[J];
+    for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g)  // iteration 0: all couplings 1/J
+      for (int64_t p = 0; p < L.P; ++p) {
+        const T* row = u + b * L.sb + g * L.st + p * L.sp;
+        for (int j = 0; j < J; ++j) acc[j] = _mm512_add_ps(acc[j], load16(row + j * D));
+      }
+    for (int j = 0; j < J; ++j) _mm512_store_ps(s + j * D, _mm512_mul_ps(acc[j], _mm512_set1_ps(1.f / J)));
+    if (s_save) std::memcpy(s_save + static_cast<int64_t>(b) * JD, s, sizeof(float) * JD);
+    for (int r = 1; r < R; ++r) {
+      squash(s, v, J, D);
+      __m512 vj[J];
+      for (int j = 0; j < J; ++j) {
+        vj[j] = _mm512_load_ps(v + j * D);
+        acc[j] = _mm512_setzero_ps();
+      }
+      float* c_r = c_save ? c_save + (static_cast<int64_t>(r) * B + b) * I * J : nullptr;  // null: inference
+      int64_t i = 0;
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t p = 0; p < L.P; ++p, ++i) {
+          const T* row = u + b * L.sb + g * L.st + p * L.sp;
+          __m512 prod[16];
+          for (int j = 0; j < 16; ++j)
+            prod[j] = j < J ? _mm512_mul_ps(load16(row + j * D), vj[j]) : _mm512_setzero_ps();
+          float* lg_i = logits.data() + i * 16;
+          const __m512 lg = _mm512_add_ps(_mm512_loadu_ps(lg_i), sum_each(prod));  // logits += agreement
+          _mm512_storeu_ps(lg_i, lg);
+          const float mx = _mm512_mask_reduce_max_ps(parents, lg);
+          const __m512 e = _mm512_maskz_mov_ps(parents, exp_nonpositive(_mm512_sub_ps(lg, _mm512_set1_ps(mx))));
+          const __m512 cv = _mm512_mul_ps(e, _mm512_set1_ps(1.f / _mm512_reduce_add_ps(e)));  // softmax over j
+          if (c_r) _mm512_mask_storeu_ps(c_r + i * J, parents, cv);
+          _mm512_store_ps(c, cv);
+          for (int j = 0; j < J; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(c[j]), load16(row + j * D), acc[j]);
+        }
+      for (int j = 0; j < J; ++j) _mm512_store_ps(s + j * D, acc[j]);
+      if (s_save) std::memcpy(s_save + (static_cast<int64_t>(r) * B + b) * JD, s, sizeof(float) * JD);
+    }
+    squash(s, v_out + static_cast<int64_t>(b) * JD, J, D);
+  }
+}
+
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(uint16_t* p, __m512 x) {  // 16 f32 -> 16 bf16, round to nearest even (as store())
+  __m512i bits = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+
+// The backward pass of forward_avx512, the scalar backward's arithmetic in the same order.
+template <typename T, int J>
+void backward_avx512(const T* u, Layout L, int B, int I, int R, const float* c_save, const float* s_save,
+                     const float* grad_v, T* grad_u, bool detach_inner, int threads) {
+  constexpr int D = 16, JD = J * D;
+  const __mmask16 parents = static_cast<__mmask16>((1u << J) - 1);
+  const int64_t groups = I / L.P;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int b = 0; b < B; ++b) {
+    std::vector<float> du(static_cast<size_t>(I) * JD, 0.f), gbeta(static_cast<size_t>(I) * 16, 0.f);
+    alignas(64) float gv[JD], gv_prev[JD], ds[JD], v_prev[JD], cs[16], gbs[16];
+    std::memcpy(gv, grad_v + static_cast<int64_t>(b) * JD, sizeof(float) * JD);
+    const int first = detach_inner ? R - 1 : 0;
+    for (int r = R - 1; r >= first; --r) {
+      squash_backward(s_save + (static_cast<int64_t>(r) * B + b) * JD, gv, ds, J, D);
+      const bool chain = !detach_inner && r >= 1;  // beta^r = beta^(r-1) + u_hat . v^(r-1)
+      if (chain) squash(s_save + (static_cast<int64_t>(r - 1) * B + b) * JD, v_prev, J, D);
+      __m512 dsj[J], acc[J];
+      for (int j = 0; j < J; ++j) {
+        dsj[j] = _mm512_load_ps(ds + j * D);
+        acc[j] = _mm512_setzero_ps();
+      }
+      const float* c_r = r == 0 ? nullptr : c_save + (static_cast<int64_t>(r) * B + b) * I * J;
+      const __m512 uniform = _mm512_maskz_mov_ps(parents, _mm512_set1_ps(1.f / J));
+      int64_t i = 0;
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t p = 0; p < L.P; ++p, ++i) {
+          const T* row = u + b * L.sb + g * L.st + p * L.sp;
+          float* du_i = du.data() + i * JD;
+          const __m512 cv = c_r ? _mm512_maskz_loadu_ps(parents, c_r + i * J) : uniform;
+          __m512 prod[16];
+          for (int j = 0; j < 16; ++j) prod[j] = j < J ? _mm512_mul_ps(load16(row + j * D), dsj[j]) : _mm512_setzero_ps();
+          const __m512 dc = sum_each(prod);  // dL/dc_ij = u_hat_j|i . ds_j
+          _mm512_store_ps(cs, cv);
+          if (!chain) {
+            for (int j = 0; j < J; ++j)  // from s_j = sum_i c_ij u_hat_j|i
+              _mm512_storeu_ps(du_i + j * D, _mm512_fmadd_ps(_mm512_set1_ps(cs[j]), dsj[j], _mm512_loadu_ps(du_i + j * D)));
+            continue;
+          }
+          const float cdc = _mm512_reduce_add_ps(_mm512_mul_ps(cv, dc));
+          float* gb_i = gbeta.data() + i * 16;  // through the softmax into beta^r
+          const __m512 gb = _mm512_fmadd_ps(cv, _mm512_sub_ps(dc, _mm512_set1_ps(cdc)), _mm512_loadu_ps(gb_i));
+          _mm512_storeu_ps(gb_i, gb);
+          _mm512_store_ps(gbs, gb);
+          for (int j = 0; j < J; ++j) {
+            const __m512 gbj = _mm512_set1_ps(gbs[j]);
+            __m512 d = _mm512_fmadd_ps(_mm512_set1_ps(cs[j]), dsj[j], _mm512_loadu_ps(du_i + j * D));
+            d = _mm512_fmadd_ps(gbj, _mm512_load_ps(v_prev + j * D), d);  // from the agreement u_hat . v^(r-1)
+            _mm512_storeu_ps(du_i + j * D, d);
+            acc[j] = _mm512_fmadd_ps(gbj, load16(row + j * D), acc[j]);
+          }
+        }
+      if (chain)
+        for (int j = 0; j < J; ++j) _mm512_store_ps(gv + j * D, acc[j]);
+    }
+    int64_t i = 0;
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t p = 0; p < L.P; ++p, ++i) {
+        T* row = grad_u + b * L.sb + g * L.st + p * L.sp;
+        for (int j = 0; j < J; ++j) store16(row + j * D, _mm512_loadu_ps(du.data() + i * JD + j * D));
+      }
+  }
+}
+#endif
+
 template <typename T, int JC, int DC>
 void backward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, const float* c_save, const float* s_save,
               const float* grad_v, T* grad_u, bool detach_inner, int threads) {
@@ -169,6 +345,9 @@ void backward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, const f
 
 template <typename T>
 void forward_any(const T* u, Layout L, int B, int I, int J, int D, int R, float* v, float* c, float* s, int nt) {
+#if defined(__AVX512F__)
+  if (J == 10 && D == 16) return forward_avx512<T, 10>(u, L, B, I, R, v, c, s, nt);
+#endif
   if (J == 10 && D == 16)
     forward<T, 10, 16>(u, L, B, I, J, D, R, v, c, s, nt);
   else
@@ -178,6 +357,9 @@ void forward_any(const T* u, Layout L, int B, int I, int J, int D, int R, float*
 template <typename T>
 void backward_any(const T* u, Layout L, int B, int I, int J, int D, int R, const float* c, const float* s,
                   const float* gv, T* gu, bool detach, int nt) {
+#if defined(__AVX512F__)
+  if (J == 10 && D == 16) return backward_avx512<T, 10>(u, L, B, I, R, c, s, gv, gu, detach, nt);
+#endif
   if (J == 10 && D == 16)
     backward<T, 10, 16>(u, L, B, I, J, D, R, c, s, gv, gu, detach, nt);
   else
