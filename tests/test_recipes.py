@@ -13,7 +13,7 @@ from conftest import small_model_config
 
 
 def test_exponential_schedule_is_constant_within_an_epoch_and_floored():
-    cfg = TrainConfig(lr=1e-3, lr_decay=0.5, lr_min=2e-4, epochs=10)
+    cfg = TrainConfig(lr=1e-3, lr_decay=0.5, lr_min=2e-4, epochs=10, schedule="exp")
     assert learning_rate(cfg, 0) == learning_rate(cfg, 0.99) == 1e-3
     assert learning_rate(cfg, 1.5) == pytest.approx(5e-4)
     assert learning_rate(cfg, 2) == pytest.approx(2.5e-4)
@@ -45,11 +45,14 @@ def test_weight_average_follows_the_exponential_moving_average():
     assert not avg.model.weight.requires_grad
 
 
-def test_fast_recipe_and_overrides():
-    cfg = recipe_config("fast", epochs=2)
-    assert cfg.recipe == "fast" and cfg.epochs == 2
-    assert cfg.batch_size == RECIPES["fast"]["batch_size"] and cfg.ema_decay > 0 and cfg.schedule == "cosine"
-    assert recipe_config().recipe == "default" and recipe_config().ema_decay == 0
+def test_recipes_and_overrides():
+    assert recipe_config() == TrainConfig()  # the dataclass defaults are the default recipe
+    cfg = recipe_config("fast", seed=5)
+    assert cfg.recipe == "fast" and cfg.seed == 5 and cfg.epochs == RECIPES["fast"]["epochs"] < TrainConfig().epochs
+    assert cfg.ema_decay > 0 and cfg.schedule == "cosine"
+    chainer = recipe_config("chainer", epochs=2)
+    assert (chainer.batch_size, chainer.schedule, chainer.lr_decay, chainer.ema_decay, chainer.epochs) == \
+        (256, "exp", 0.95, 0.0, 2)
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe_config("nope")
     with pytest.raises(ValueError, match="schedule"):

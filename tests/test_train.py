@@ -29,7 +29,8 @@ def _stop_after(epochs):
     return hook
 
 
-@pytest.mark.parametrize("settings", [{}, {"schedule": "cosine", "ema_decay": 0.9}], ids=["exp", "cosine-ema"])
+@pytest.mark.parametrize("settings", [{"schedule": "exp", "ema_decay": 0.0}, {"schedule": "cosine", "ema_decay": 0.9}],
+                         ids=["exp", "cosine-ema"])
 def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, tiny_data, settings):
     straight, _ = _fit(tmp_path, tiny_data, 3, name="straight", **settings)
     split = tmp_path / "split"
@@ -56,7 +57,7 @@ def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, tiny_data, sett
 
 
 def test_run_directory_contents(tmp_path, tiny_data):
-    run, summary = _fit(tmp_path, tiny_data, 2)
+    run, summary = _fit(tmp_path, tiny_data, 2, schedule="exp")
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["epochs"] == 2 and config["model"]["routing_iters"] == 3
     assert config["torch"] == torch.__version__ and config["device"] == "cpu"

@@ -56,16 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a CapsNet; writes a run directory")
     t.add_argument("--recipe", choices=list(RECIPES), default=None,
-                   help="named settings to start from: default (the Chainer port's), fast (40 minutes on a "
-                        "2-core CPU); the flags below change them further")
-    t.add_argument("-e", "--epoch", type=_non_negative, default=None, help="epochs (default 10)")
-    t.add_argument("-b", "--batchsize", type=_positive, default=None, help="batch size (default 256)")
-    t.add_argument("-d", "--decay", type=float, default=None, help="learning-rate decay per epoch (default 0.95)")
+                   help="named settings to start from: default (50 epochs), fast (9 epochs: 40 minutes on a "
+                        "2-core CPU), chainer (the Chainer port's); the flags below change them further")
+    t.add_argument("-e", "--epoch", type=_non_negative, default=None, help="epochs (default: the recipe's, 50)")
+    t.add_argument("-b", "--batchsize", type=_positive, default=None, help="batch size (default 64)")
+    t.add_argument("-d", "--decay", type=float, default=None, help="learning-rate decay per epoch with --schedule exp (0.95)")
     t.add_argument("--lr", type=float, default=None, help="initial learning rate (default 1e-3)")
     t.add_argument("--schedule", choices=SCHEDULES, default=None,
-                   help="exp: x decay per epoch (default); cosine: per step down to the floor by the last epoch")
+                   help="cosine: per step down to the floor by the last epoch (default); exp: x decay per epoch")
     t.add_argument("--ema", type=_fraction, default=None, metavar="DECAY",
-                   help="evaluate and save a moving average of the weights (e.g. 0.999; default off)")
+                   help="evaluate and save a moving average of the weights (default 0.999; 0 = off)")
     t.add_argument("-s", "--seed", type=int, default=None, help="random seed (default 789)")
     t.add_argument("--save", type=Path, default=None, help="run directory (default runs/<dataset>)")
     t.add_argument("--resume", type=Path, default=None, help="continue the run in this directory")

@@ -46,15 +46,18 @@ def read_run(folder: Path) -> dict:
 
 
 def results_table(folders: list[Path]) -> str:
-    """A markdown table, one row per finished run, in the order given."""
+    """A markdown table, one row per finished run, in the order given. Training time sums the
+    epochs' training loops; wall time (logged since capsnet 0.1's recipes) runs from the start of
+    training to the test result, evaluations and checkpoints included."""
     rows = [read_run(f) for f in folders]
-    lines = ["| run | test accuracy (errors) | epochs (selected) | training time | train img/s | precision, batch | "
-             "machine | command | commit |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | test accuracy (errors) | epochs (selected) | training time | wall time | train img/s | "
+             "precision, batch | machine | command | commit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         minutes = r["seconds"] / 60
+        wall = f"{r['wall_seconds'] / 60:.1f} min" if r["wall_seconds"] is not None else "-"
         lines.append(f"| {r['name']} | {r['test_acc'] * 100:.2f}% ({r['test_errors']}) | {r['epochs']} "
-                     f"({r['selected_epoch']}) | {minutes:.1f} min | {r['img_s']:.0f} | {r['precision']}, "
+                     f"({r['selected_epoch']}) | {minutes:.1f} min | {wall} | {r['img_s']:.0f} | {r['precision']}, "
                      f"{r['batch']} | {r['device']} | `{r['command']}` | {r['commit']} |")
     return "\n".join(lines)
 
