@@ -81,6 +81,11 @@ def test_resume_with_another_architecture_is_refused(trained_run, capsys):
     assert_one_line_error(code, err, "shared_weights=False", "--shared-weights")
 
 
+def test_resume_keeps_a_cosine_schedule_s_length(trained_run, capsys):
+    code, _, err = run_cli(capsys, "train", "--resume", str(trained_run), "-e", "3")
+    assert_one_line_error(code, err, "epochs=1", "resuming with 3")
+
+
 def test_resume_refuses_another_recipe(trained_run, capsys):
     code, _, err = run_cli(capsys, "train", "--resume", str(trained_run), "--recipe", "fast")
     assert_one_line_error(code, err, "--recipe default", "--recipe fast")
