@@ -7,7 +7,7 @@ from torch import nn
 from capsnet.averaging import WeightAverage
 from capsnet.checkpoint import load_checkpoint
 from capsnet.config import RECIPES, TrainConfig, recipe_config
-from capsnet.train import fit, learning_rate, prepare_run_dir
+from capsnet.train import configs_from_state, fit, learning_rate, prepare_run_dir
 
 from conftest import small_model_config
 
@@ -70,3 +70,16 @@ def test_with_averaging_model_pt_holds_the_average_and_last_pt_both(tmp_path, ti
         assert torch.equal(value, last["average"]["model"][key]), key
     assert any(not torch.equal(v, last["model"][k]) for k, v in model["model"].items())
     assert summary["wall_seconds"] >= last["elapsed"] > 0
+
+
+def test_a_checkpoint_from_before_the_recipes_resumes_as_it_was_trained(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    prepare_run_dir(run, force=False)
+    fit(small_model_config(tiny_data), TrainConfig(epochs=1, batch_size=32, val_size=0, precision="fp32",
+                                                   schedule="exp", ema_decay=0.0), tiny_data, run,
+        torch.device("cpu"), verbose=False)
+    state = load_checkpoint(run / "last.pt")
+    for key in ("schedule", "ema_decay", "recipe"):  # as capsnet wrote it before these settings
+        del state["train_config"][key]
+    _, cfg = configs_from_state(state)
+    assert (cfg.schedule, cfg.ema_decay, cfg.recipe) == ("exp", 0.0, "chainer")

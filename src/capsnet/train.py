@@ -16,9 +16,9 @@ import torch
 from . import __version__
 from .checkpoint import load_checkpoint, model_payload, train_state_payload
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .averaging import WeightAverage
 from .data import Dataset
 from .data.augment import random_shift
-from .averaging import WeightAverage
 from .errors import CapsNetError
 from .files import atomic_torch_save, write_json
 from .losses import capsule_loss
@@ -399,5 +399,10 @@ def resume_state(run_dir: Path) -> dict:
     return ckpt
 
 
+# What a run saved before these settings existed was trained with (capsnet 0.1's first recipe).
+LEGACY_TRAIN_SETTINGS = {"schedule": "exp", "ema_decay": 0.0, "recipe": "chainer"}
+
+
 def configs_from_state(ckpt: dict) -> tuple[ModelConfig, TrainConfig]:
-    return from_dict(ModelConfig, ckpt["model_config"]), from_dict(TrainConfig, ckpt["train_config"])
+    train = {**LEGACY_TRAIN_SETTINGS, **ckpt["train_config"]}
+    return from_dict(ModelConfig, ckpt["model_config"]), from_dict(TrainConfig, train)
