@@ -1,4 +1,6 @@
 """The fused C++ routing kernel computes exactly what the PyTorch routing computes."""
+import warnings
+
 import pytest
 import torch
 
@@ -66,3 +68,24 @@ def test_inference_path_gives_the_same_capsules():
         v_inference = cpu_kernels.FusedRouting.apply(u_hat, 3, 3, False)
     v_train = cpu_kernels.FusedRouting.apply(u_hat.clone().requires_grad_(), 3, 3, False)
     assert torch.equal(v_inference, v_train.detach())
+
+
+def test_portable_kernel_without_avx512_matches_autograd(tmp_path, monkeypatch):
+    """Most laptops lack AVX-512: build the kernel without it and check the scalar MNIST-shape path."""
+    monkeypatch.setenv("CAPSNET_CACHE", str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a compiler without the flag (not x86): skipped below
+        lib = cpu_kernels._build(extra_flags=("-mno-avx512f",))
+    if lib is None:
+        pytest.skip("the compiler could not build without AVX-512")
+    monkeypatch.setattr(cpu_kernels, "_lib", lib)
+    torch.manual_seed(4)
+    u_hat = (torch.randn(200, 3, 10, 16) * 0.1).requires_grad_()
+    v = cpu_kernels.FusedRouting.apply(u_hat, 3, 3, False)
+    grad = torch.randn_like(v)
+    g_kernel, = torch.autograd.grad(v, u_hat, grad)
+    ref_in = u_hat.detach().double().requires_grad_()
+    ref = dynamic_routing(ref_in.permute(1, 2, 0, 3), 3)
+    g_ref, = torch.autograd.grad(ref, ref_in, grad.double())
+    assert torch.allclose(v.double(), ref, atol=1e-6)
+    assert ((g_kernel.double() - g_ref).norm() / g_ref.norm()) < 1e-5

@@ -30,18 +30,21 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _build() -> ctypes.CDLL | None:
+def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """Compile (or find in the cache) and load the kernel; extra_flags serve the tests (e.g. to
+    build the portable path on an AVX-512 machine)."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         return None
+    flags = [*FLAGS, *extra_flags]
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"routing_cpu_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
         os.close(fd)
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             Path(tmp).unlink(missing_ok=True)
             warnings.warn(f"capsnet: could not build the CPU routing kernel ({proc.stderr.strip()[:200]}); "
