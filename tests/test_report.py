@@ -21,15 +21,19 @@ def test_report_rebuilds_the_table_from_run_logs(tmp_path, capsys):
                   verbose=False, argv=["train", "-e", "2"])
     (run / "last.pt").unlink()  # docs/results keeps only the small files
     (run / "model.pt").unlink()
+    (run / "final.pt").unlink()
     row = read_run(run)
     assert row["test_acc"] == summary["test_acc"] and row["epochs"] == 2
+    assert row["final_test_acc"] == summary["final_test_acc"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert row["seconds"] == sum(r["seconds"] for r in records)
     assert finished_runs(tmp_path / "results") == [run]
     assert main(["report", "--results", str(tmp_path / "results")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 3 and out[2].startswith("| tiny | ")
-    assert f"{summary['test_acc'] * 100:.2f}%" in out[2] and "`capsnet train -e 2`" in out[2]
+    assert f"{summary['test_acc'] * 100:.2f}% ({summary['test_errors']}) | " \
+           f"{summary['final_test_acc'] * 100:.2f}% ({summary['final_test_errors']}) |" in out[2]
+    assert "`capsnet train -e 2`" in out[2]
 
     png = tmp_path / "curves.png"
     assert main(["report", "--results", str(tmp_path / "results"), "--ablation", "--curves", str(png)]) == 0
@@ -50,3 +54,42 @@ def test_report_of_the_committed_results():
 def test_report_without_runs_is_one_line(tmp_path, capsys):
     assert main(["report", "--results", str(tmp_path)]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def _fake_run(folder: Path, seed: int, test_acc: float, final_acc: float | None, shared: bool = False):
+    """The three small files of a finished 2-epoch run, as docs/results keeps them."""
+    folder.mkdir(parents=True)
+    config = {"device_name": "cpu", "precision": "bf16", "argv": ["train", "-s", str(seed)],
+              "train": {"recipe": "default", "seed": seed, "epochs": 2, "batch_size": 64},
+              "model": {"routing_iters": 3, "reconstruct": True, "shared_weights": shared, "leaky_relu": False}}
+    (folder / "config.json").write_text(json.dumps(config))
+    records = [{"epoch": e, "train_loss": 0.1, "val_acc": 0.99, "img_s": 100.0, "seconds": 1.0} for e in (1, 2)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {"test_acc": test_acc, "test_errors": round((1 - test_acc) * 10000), "test_images": 10000,
+               "selected_epoch": 1, "val_acc": 0.99}
+    if final_acc is not None:
+        summary.update(final_epoch=2, final_test_acc=final_acc, final_test_errors=round((1 - final_acc) * 10000))
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_seeds_are_pooled_per_recipe_and_architecture(tmp_path, capsys):
+    _fake_run(tmp_path / "a", 1, 0.9960, 0.9964)
+    _fake_run(tmp_path / "b", 2, 0.9957, 0.9968)
+    _fake_run(tmp_path / "c", 3, 0.9963, None)
+    _fake_run(tmp_path / "d", 1, 0.9890, 0.9900, shared=True)
+    assert main(["report", "--seeds", *(str(tmp_path / n) for n in "abcd")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4
+    # mean 99.60, sample std of (99.60, 99.57, 99.63) = 0.03; final over the two runs that have one
+    assert out[2] == ("| default | paper | 2 | 64, bf16 | cpu | 1, 2, 3 | 99.60 +- 0.03% (n=3) | "
+                      "99.66 +- 0.03% (n=2) |")
+    assert out[3] == "| default | shared matrices | 2 | 64, bf16 | cpu | 1 | 98.90 +- 0.00% (n=1) | 99.00 +- 0.00% (n=1) |"
+
+
+def test_a_run_that_logged_test_accuracy_reports_its_final_model(tmp_path):
+    _fake_run(tmp_path / "a", 1, 0.9960, None)
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    last = {**json.loads(lines[-1]), "test_acc": 0.9967}
+    (tmp_path / "a" / "metrics.jsonl").write_text(lines[0] + "\n" + json.dumps(last) + "\n")
+    row = read_run(tmp_path / "a")
+    assert (row["final_test_acc"], row["final_test_errors"]) == (0.9967, 33)

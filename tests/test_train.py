@@ -72,6 +72,26 @@ def test_run_directory_contents(tmp_path, tiny_data):
     assert ok / n == summary["test_acc"]
 
 
+def test_the_final_model_is_saved_and_tested_beside_the_chosen_one(tmp_path, tiny_data):
+    run, summary = _fit(tmp_path, tiny_data, 3, schedule="cosine", ema_decay=0.9)
+    final, last = load_checkpoint(run / "final.pt"), load_checkpoint(run / "last.pt")
+    assert final["kind"] == "model" and final["epoch"] == summary["final_epoch"] == 3
+    for key, value in final["model"].items():  # the moving average, as the last epoch left it
+        assert torch.equal(value, last["average"]["model"][key]), key
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert final["val_acc"] == records[-1]["val_acc"]
+    ok, n = evaluate(load_model(run / "final.pt"), tiny_data.test_images, tiny_data.test_labels, TrainConfig(), "fp32")
+    assert (summary["final_test_acc"], summary["final_test_errors"]) == (ok / n, n - ok)
+
+    # A finished run saved before final.pt existed gets it on --resume, without training more.
+    (run / "final.pt").unlink()
+    _, again = _fit(tmp_path, tiny_data, 3, resume=resume_state(run), schedule="cosine", ema_decay=0.9)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    for key, value in load_checkpoint(run / "final.pt")["model"].items():
+        assert torch.equal(value, final["model"][key]), key
+    assert again["final_test_acc"] == summary["final_test_acc"]
+
+
 def test_a_run_directory_is_not_overwritten(tmp_path, tiny_data):
     run, _ = _fit(tmp_path, tiny_data, 1)
     before = (run / "last.pt").read_bytes()

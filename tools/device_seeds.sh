@@ -75,7 +75,7 @@ if [ -f "$RUNS/s$first/model.pt" ]; then
 fi
 tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.pt' --exclude=vis .
 
-if [ "$DEVICE" = cuda ] && (( $(elapsed) < DEADLINE + 15 )); then
+if [ "${BENCH:-1}" = 1 ] && [ "$DEVICE" = cuda ] && (( $(elapsed) < DEADLINE + 15 )); then
   for b in 128 512; do
     timeout 40 python3 -m capsnet bench --device cuda -b $b --steps 30 --json >> "$OUT/bench-cuda.jsonl" 2>>"$OUT/device.log"
   done

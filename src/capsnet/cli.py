@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="*", type=Path, help="run directories (default: every run under --results)")
     r.add_argument("--results", type=Path, default=Path("docs/results"))
     r.add_argument("--ablation", action="store_true", help="the architecture-switch table instead")
+    r.add_argument("--seeds", action="store_true",
+                   help="pool runs that differ only in their seed: mean and standard deviation per recipe")
     r.add_argument("--curves", type=Path, default=None, metavar="PNG",
                    help="also draw the runs' training curves into this PNG (needs matplotlib)")
 
@@ -242,12 +244,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import ablation_table, finished_runs, results_table, training_curves
+    from .report import ablation_table, finished_runs, results_table, seeds_table, training_curves
 
     folders = args.runs or finished_runs(args.results)
     if not folders:
         raise CapsNetError(f"{args.results}: no finished runs (folders with summary.json) here")
-    print(ablation_table(folders) if args.ablation else results_table(folders))
+    table = ablation_table if args.ablation else seeds_table if args.seeds else results_table
+    print(table(folders))
     if args.curves is not None:
         training_curves(folders, args.curves)
     return 0

@@ -22,12 +22,22 @@ def read_run(folder: Path) -> dict:
         raise CapsNetError(f"{folder}: not a finished run directory ({exc})") from None
     train = config.get("train", {})
     model = config.get("model", {})
+    final_acc, final_errors = summary.get("final_test_acc"), summary.get("final_test_errors")
+    if final_acc is None and records and records[-1]["epoch"] == train.get("epochs") and "test_acc" in records[-1]:
+        # Runs from before final.pt that logged test accuracy every epoch (for curves): the last
+        # record is the final model tested on the full test set, the same figure final.pt gives.
+        final_acc = records[-1]["test_acc"]
+        final_errors = round((1 - final_acc) * summary["test_images"])
     return {
         "name": folder.name,
         "test_acc": summary["test_acc"],
         "test_errors": summary["test_errors"],
         "epochs": len(records),
         "selected_epoch": summary.get("selected_epoch"),
+        "final_test_acc": final_acc,
+        "final_test_errors": final_errors,
+        "recipe": train.get("recipe"),
+        "seed": train.get("seed"),
         "seconds": sum(r["seconds"] for r in records),
         "img_s": sum(r["img_s"] for r in records) / len(records) if records else 0.0,
         "precision": config.get("precision"),
@@ -45,20 +55,61 @@ def read_run(folder: Path) -> dict:
     }
 
 
+def _accuracy(acc: float | None, errors: int | None) -> str:
+    return "-" if acc is None else f"{acc * 100:.2f}% ({errors})"
+
+
 def results_table(folders: list[Path]) -> str:
-    """A markdown table, one row per finished run, in the order given. Training time sums the
-    epochs' training loops; wall time (logged since capsnet 0.1's recipes) runs from the start of
-    training to the test result, evaluations and checkpoints included."""
+    """A markdown table, one row per finished run, in the order given: the test accuracy of the model
+    chosen on validation (model.pt) and of the final model (final.pt). Training time sums the epochs'
+    training loops; wall time (logged since capsnet 0.1's recipes) runs from the start of training to
+    the test result, evaluations and checkpoints included."""
     rows = [read_run(f) for f in folders]
-    lines = ["| run | test accuracy (errors) | epochs (selected) | training time | wall time | train img/s | "
-             "precision, batch | machine | command | commit |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | test, validation-chosen model (errors) | test, final model (errors) | epochs (chosen) | "
+             "training time | wall time | train img/s | precision, batch | machine | command | commit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         minutes = r["seconds"] / 60
         wall = f"{r['wall_seconds'] / 60:.1f} min" if r["wall_seconds"] is not None else "-"
-        lines.append(f"| {r['name']} | {r['test_acc'] * 100:.2f}% ({r['test_errors']}) | {r['epochs']} "
+        lines.append(f"| {r['name']} | {_accuracy(r['test_acc'], r['test_errors'])} | "
+                     f"{_accuracy(r['final_test_acc'], r['final_test_errors'])} | {r['epochs']} "
                      f"({r['selected_epoch']}) | {minutes:.1f} min | {wall} | {r['img_s']:.0f} | {r['precision']}, "
                      f"{r['batch']} | {r['device']} | `{r['command']}` | {r['commit']} |")
+    return "\n".join(lines)
+
+
+def _mean_std(values: list[float]) -> str:
+    """'99.61 +- 0.04% (n=6)': mean and sample standard deviation, in percent."""
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{mean * 100:.2f} +- {std * 100:.2f}% (n={len(values)})"
+
+
+def _architecture(r: dict) -> str:
+    """The paper's architecture, or what differs from it."""
+    changes = ([f"{r['routing_iters']} routing iterations"] if r["routing_iters"] != 3 else []) + \
+        (["no reconstruction"] if r["reconstruct"] is False else []) + \
+        (["shared matrices"] if r["shared_weights"] else []) + (["leaky ReLU"] if r["leaky_relu"] else [])
+    return ", ".join(changes) or "paper"
+
+
+def seeds_table(folders: list[Path]) -> str:
+    """Runs that differ only in their seed, pooled: one row per (recipe, epochs, batch, precision,
+    machine), with the mean and standard deviation of both test figures over the seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in (read_run(f) for f in folders):
+        key = (r["recipe"], _architecture(r), r["epochs"], r["batch"], r["precision"], r["device"])
+        groups.setdefault(key, []).append(r)
+    lines = ["| recipe | architecture | epochs | batch, precision | machine | seeds | test, validation-chosen model | "
+             "test, final model |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (recipe, architecture, epochs, batch, precision, device), rows in groups.items():
+        seeds = ", ".join(str(r["seed"]) for r in rows)
+        finals = [r["final_test_acc"] for r in rows if r["final_test_acc"] is not None]
+        lines.append(f"| {recipe} | {architecture} | {epochs} | {batch}, {precision} | {device} | {seeds} | "
+                     f"{_mean_std([r['test_acc'] for r in rows])} | {_mean_std(finals)} |")
     return "\n".join(lines)
 
 
@@ -103,7 +154,10 @@ def training_curves(folders: list[Path], out: Path) -> Path:
         if test:
             ax_acc.plot(*zip(*test), color=color, marker=".", linestyle="--", label=f"{r['name']} test (not used)")
         ax_acc.plot([r["selected_epoch"]], [r["test_acc"] * 100], color=color, marker="*", markersize=11,
-                    linestyle="none", label=f"{r['name']} final test {r['test_acc'] * 100:.2f}%")
+                    linestyle="none", label=f"{r['name']} test, chosen on validation: {r['test_acc'] * 100:.2f}%")
+        if r["final_test_acc"] is not None and r["selected_epoch"] != r["epochs"]:
+            ax_acc.plot([r["epochs"]], [r["final_test_acc"] * 100], color=color, marker="D", markersize=6,
+                        linestyle="none", label=f"{r['name']} test, final model: {r['final_test_acc'] * 100:.2f}%")
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss (margin + reconstruction)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="held-out accuracy")
     for ax in (ax_loss, ax_acc):

@@ -25,7 +25,7 @@ from .losses import capsule_loss
 from .model import CapsNet
 from .runtime import SINGLE, DistInfo, autocast, configure, describe, resolve_precision
 
-RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "model.pt", "summary.json")
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "model.pt", "final.pt", "summary.json")
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -271,7 +271,9 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
     """Train, checkpoint every epoch, select on validation, report test accuracy at the end.
 
     resume: a loaded last.pt; training continues after its epoch with its optimizer state.
-    With cfg.ema_decay > 0 the weights' moving average is what gets evaluated and saved as model.pt.
+    With cfg.ema_decay > 0 the weights' moving average is what gets evaluated and saved.
+    Two models come out: model.pt, the epoch with the best validation accuracy (what `evaluate
+    --load RUN` and `visualize` use), and final.pt, the last epoch's; summary.json tests both.
     dist: under torchrun, this process's rank; the model is wrapped in DistributedDataParallel
     and rank 0 alone evaluates, logs and writes the run directory.
     on_epoch_end(epoch, model): a hook called on every rank after each epoch's update.
@@ -326,6 +328,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
             f"{sum(p.numel() for p in model.parameters()):,} parameters, {describe(device)}, {precision}"
             + (f", {dist.world} processes" if dist.world > 1 else ""))
     epoch_log = EpochLog(verbose)
+    last_val = json.loads(kept[-1]).get("val_acc") if main and kept else None
     for epoch in range(start_epoch, cfg.epochs):
         lr = learning_rate(cfg, epoch)
         progress = epoch_log.start(epoch, cfg.epochs, train_x.shape[0])
@@ -358,35 +361,51 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        last_val = record["val_acc"]
         epoch_log.end(record)
 
     if not main:
         return {}
+    if cfg.epochs > 0 and start_epoch <= cfg.epochs:  # (also when resuming a finished run saved without it)
+        atomic_torch_save(model_payload(evaluated, epoch=cfg.epochs, val_acc=last_val), run_dir / "final.pt")
     return finish(run_dir, data, cfg, device, precision, log=log, verbose=verbose, started=started)
 
 
 def finish(run_dir: Path, data: Dataset, cfg: TrainConfig, device: torch.device, precision: str, *,
            log: Callable = print, verbose: bool = True, started: float | None = None) -> dict:
-    """Test the selected model once and write summary.json (with the run's wall time since `started`,
-    a time.perf_counter() value, if given)."""
-    from .checkpoint import build_model
-
+    """Test the selected model (model.pt) and the final one (final.pt, if there) once each and write
+    summary.json (with the run's wall time since `started`, a time.perf_counter() value, if given)."""
     path = run_dir / "model.pt"
     if not path.exists():  # zero epochs asked for
         return {}
-    ckpt = load_checkpoint(path)
-    model = build_model(ckpt, path).to(device)
-    ok, n = evaluate(model, data.test_images, data.test_labels, cfg, precision)
-    summary = {"test_acc": ok / n, "test_errors": n - ok, "test_images": n, "selected_epoch": ckpt["epoch"],
-               "val_acc": ckpt["val_acc"], "selection": "best validation accuracy" if ckpt["val_acc"] is not None
-               else "last epoch (no validation split)", "precision": precision}
+    selected = load_checkpoint(path)
+    ok, n = _test(selected, path, data, cfg, device, precision)
+    summary = {"test_acc": ok / n, "test_errors": n - ok, "test_images": n, "selected_epoch": selected["epoch"],
+               "val_acc": selected["val_acc"], "selection": "best validation accuracy"
+               if selected["val_acc"] is not None else "last epoch (no validation split)", "precision": precision}
+    if (run_dir / "final.pt").exists():
+        final = load_checkpoint(run_dir / "final.pt")
+        final_ok = ok if final["epoch"] == selected["epoch"] else \
+            _test(final, run_dir / "final.pt", data, cfg, device, precision)[0]
+        summary.update(final_epoch=final["epoch"], final_test_acc=final_ok / n, final_test_errors=n - final_ok)
     if started is not None:
         summary["wall_seconds"] = time.perf_counter() - started
     write_json(run_dir / "summary.json", summary)
     if verbose:
         log(f"test accuracy {ok / n * 100:.2f}% ({n - ok} errors in {n}) with the model of epoch "
-            f"{ckpt['epoch']} ({summary['selection']}); saved in {run_dir}")
+            f"{selected['epoch']} ({summary['selection']}); saved in {run_dir}")
+        if "final_test_acc" in summary:
+            log(f"final model (epoch {summary['final_epoch']}, final.pt): {summary['final_test_acc'] * 100:.2f}% "
+                f"({summary['final_test_errors']} errors)")
     return summary
+
+
+def _test(ckpt: dict, path: Path, data: Dataset, cfg: TrainConfig, device: torch.device,
+          precision: str) -> tuple[int, int]:
+    """(number correct, number of test images) of a loaded model checkpoint."""
+    from .checkpoint import build_model
+
+    return evaluate(build_model(ckpt, path).to(device), data.test_images, data.test_labels, cfg, precision)
 
 
 def resume_state(run_dir: Path) -> dict:
