@@ -115,6 +115,9 @@ def from_dict(cls, data: dict):
     return cls(**kwargs)
 
 
+# What a run saved before these settings existed was trained with (capsnet 0.1's first recipe).
+LEGACY_TRAIN_SETTINGS = {"schedule": "exp", "ema_decay": 0.0, "recipe": "chainer"}
+
 # Named recipes: changes on top of the defaults (explicit flags change them further).
 RECIPES: dict[str, dict] = {
     # Batches of 64 (on a CPU as fast per image as larger ones, and more updates per epoch), the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import LEGACY_TRAIN_SETTINGS
 from .errors import CapsNetError
 
 
@@ -23,7 +24,10 @@ def read_run(folder: Path) -> dict:
     train = config.get("train", {})
     model = config.get("model", {})
     final_acc, final_errors = summary.get("final_test_acc"), summary.get("final_test_errors")
-    if final_acc is None and records and records[-1]["epoch"] == train.get("epochs") and "test_acc" in records[-1]:
+    finished = bool(records) and records[-1]["epoch"] == train.get("epochs")
+    if final_acc is None and finished and summary.get("selected_epoch") == records[-1]["epoch"]:
+        final_acc, final_errors = summary["test_acc"], summary["test_errors"]  # model.pt is the final model
+    if final_acc is None and finished and "test_acc" in records[-1]:
         # Runs from before final.pt that logged test accuracy every epoch (for curves): the last
         # record is the final model tested on the full test set, the same figure final.pt gives.
         final_acc = records[-1]["test_acc"]
@@ -36,7 +40,7 @@ def read_run(folder: Path) -> dict:
         "selected_epoch": summary.get("selected_epoch"),
         "final_test_acc": final_acc,
         "final_test_errors": final_errors,
-        "recipe": train.get("recipe"),
+        "recipe": train.get("recipe", LEGACY_TRAIN_SETTINGS["recipe"]),
         "seed": train.get("seed"),
         "seconds": sum(r["seconds"] for r in records),
         "img_s": sum(r["img_s"] for r in records) / len(records) if records else 0.0,

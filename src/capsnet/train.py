@@ -15,7 +15,7 @@ import torch
 
 from . import __version__
 from .checkpoint import load_checkpoint, model_payload, train_state_payload
-from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .config import LEGACY_TRAIN_SETTINGS, ModelConfig, TrainConfig, from_dict, to_dict
 from .averaging import WeightAverage
 from .data import Dataset
 from .data.augment import random_shift
@@ -418,8 +418,6 @@ def resume_state(run_dir: Path) -> dict:
     return ckpt
 
 
-# What a run saved before these settings existed was trained with (capsnet 0.1's first recipe).
-LEGACY_TRAIN_SETTINGS = {"schedule": "exp", "ema_decay": 0.0, "recipe": "chainer"}
 
 
 def configs_from_state(ckpt: dict) -> tuple[ModelConfig, TrainConfig]:
