@@ -83,11 +83,13 @@ def results_table(folders: list[Path]) -> str:
 
 
 def _mean_std(values: list[float]) -> str:
-    """'99.61 +- 0.04% (n=6)': mean and sample standard deviation, in percent."""
+    """'99.61 +- 0.04% (n=6)': mean and sample standard deviation, in percent ('99.60% (n=1)' for one)."""
     if not values:
         return "-"
     mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    if len(values) == 1:
+        return f"{mean * 100:.2f}% (n=1)"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
     return f"{mean * 100:.2f} +- {std * 100:.2f}% (n={len(values)})"
 
 
@@ -167,11 +169,14 @@ def training_curves(folders: list[Path], out: Path) -> Path:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
+    accuracies = [v for line in ax_acc.get_lines() for v in line.get_ydata()]
+    if accuracies:  # the last point of accuracy is what matters: show at most the top 1.2 points
+        ax_acc.set_ylim(bottom=max(min(accuracies), max(accuracies) - 1.2) - 0.02, top=max(accuracies) + 0.05)
     ax_loss.legend(fontsize=8)
-    ax_acc.legend(fontsize=7, loc="lower right")
+    ax_acc.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     atomic_write(Path(out), buf.getvalue())
     return Path(out)
