@@ -29,15 +29,18 @@ def assert_one_line_error(code, err, *needles):
 def trained_run(tmp_path_factory, mnist):
     """One real, very short training run through the CLI, shared by the tests below."""
     run = tmp_path_factory.mktemp("cli") / "run"
-    code = main(["train", "-e", "1", "--limit", "320", "--val", "64", "-b", "64", "--save", str(run), "--visualize",
-                 "-q", "--device", "cpu"])
+    code = main(["train", "-e", "1", "--limit", "320", "--val", "64", "-b", "64", "--shift", "1", "--save", str(run),
+                 "--visualize", "-q", "--device", "cpu"])
     assert code == 0
     return run
 
 
 def test_train_writes_a_complete_run_directory(trained_run):
-    for name in ("config.json", "metrics.jsonl", "last.pt", "model.pt", "summary.json"):
+    import json
+
+    for name in ("config.json", "metrics.jsonl", "last.pt", "model.pt", "final.pt", "summary.json"):
         assert (trained_run / name).is_file(), name
+    assert json.loads((trained_run / "config.json").read_text())["train"]["max_shift"] == 1
 
 
 def test_visualize_writes_twelve_pictures_of_the_seed_layout(trained_run, capsys):
@@ -67,6 +70,9 @@ def test_evaluate_reproduces_the_logged_test_accuracy(trained_run, capsys):
     code, out, _ = run_cli(capsys, "evaluate", "--load", str(trained_run), "--device", "cpu")
     assert code == 0
     assert f"{summary['test_acc'] * 100:.2f}%" in out and f"({summary['test_errors']} errors" in out
+    code, out, _ = run_cli(capsys, "evaluate", "--load", str(trained_run / "final.pt"), "--device", "cpu")
+    assert code == 0
+    assert f"{summary['final_test_acc'] * 100:.2f}%" in out and f"({summary['final_test_errors']} errors" in out
 
 
 def test_refuses_to_overwrite_a_run(trained_run, capsys):

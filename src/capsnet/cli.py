@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-b", "--batchsize", type=_positive, default=None, help="batch size (default 64)")
     t.add_argument("-d", "--decay", type=float, default=None, help="learning-rate decay per epoch with --schedule exp (0.95)")
     t.add_argument("--lr", type=float, default=None, help="initial learning rate (default 1e-3)")
+    t.add_argument("--shift", type=_non_negative, default=None,
+                   help="largest random shift of a training image, in pixels (default 2, the paper's; 0 = none)")
     t.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="cosine: per step down to the floor by the last epoch (default); exp: x decay per epoch")
     t.add_argument("--ema", type=_fraction, default=None, metavar="DECAY",
@@ -146,7 +148,8 @@ def cmd_train(args) -> int:
     train_overrides = {"epochs": args.epoch, "batch_size": args.batchsize, "lr_decay": args.decay, "lr": args.lr,
                        "seed": args.seed, "limit": args.limit, "val_size": args.val, "dataset": args.dataset,
                        "precision": args.precision, "test_every_epoch": args.test_every_epoch or None,
-                       "compile": args.compile, "schedule": args.schedule, "ema_decay": args.ema}
+                       "compile": args.compile, "schedule": args.schedule, "ema_decay": args.ema,
+                       "max_shift": args.shift}
     train_overrides = {k: v for k, v in train_overrides.items() if v is not None}
     model_overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
 
