@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# One device call that trains several runs at once on one GPU, then evaluates each again from its
+# model.pt and final.pt, draws the first run's pictures and, if time is left, runs the GPU bench.
+# Everything small comes back through $OUT: runs.tgz (every run's config/metrics/summary and
+# logs), vis.tgz, the first run's model.pt in 15 MB parts, device.log, bench-cuda.jsonl.
+#
+#   JOBS: one run per line, "NAME FLAGS..." (the flags of `capsnet train`). Default: the default
+#   recipe, seeds 789 790 791 (SEEDS), each with EXTRA flags.
+#   run (device tool), carry [".data"] (MNIST's four .gz files under .data/mnist):
+#       bash tools/device_runs.sh
+#       JOBS=$'leaky-s789 --leaky-relu -s 789\nleaky-s790 --leaky-relu -s 790' bash tools/device_runs.sh
+#   dry run here:  OUT=/tmp/out DEVICE=cpu EXTRA="-e 1 --limit 640 --val 128" bash tools/device_runs.sh
+set -u
+T0=$SECONDS
+DEVICE=${DEVICE:-cuda}
+DEADLINE=${DEADLINE:-470}      # seconds after start by which training must end (the call's limit is ~560)
+EXTRA=${EXTRA:-}
+OUT=${OUT:?OUT must name a folder}
+RUNS=${RUNS:-/dev/shm/capsnet-runs}
+if [ -z "${JOBS:-}" ]; then
+  JOBS=$(for s in ${SEEDS:-789 790 791}; do echo "s$s --seed $s"; done)
+fi
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 CAPSNET_DATA=$RUNS/data
+mkdir -p "$OUT" "$RUNS/data" && cp -r .data/mnist "$RUNS/data/"  # (the cache unpacks there, not in .data)
+exec > >(tee "$OUT/device.log") 2>&1
+elapsed() { echo $((SECONDS - T0)); }
+
+echo "capsnet commit ${COMMIT:-unknown}"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+python3 -m capsnet --help >/dev/null || { echo "capsnet does not import"; exit 1; }
+
+declare -A PID FLAGS
+NAMES=()
+while read -r name flags; do
+  [ -z "$name" ] && continue
+  NAMES+=("$name"); FLAGS[$name]="$flags $EXTRA"
+  # shellcheck disable=SC2086
+  python3 -m capsnet train --device "$DEVICE" --save "$RUNS/$name" --force ${FLAGS[$name]} > "$RUNS/train-$name.log" 2>&1 &
+  PID[$name]=$!
+  echo "started $name: capsnet train ${FLAGS[$name]}"
+done <<< "$JOBS"
+
+epochs_done() { [ -f "$RUNS/$1/metrics.jsonl" ] && wc -l < "$RUNS/$1/metrics.jsonl" || echo 0; }
+total_epochs() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['train']['epochs'])" "$RUNS/$1/config.json" 2>/dev/null || echo 0; }
+last_report=0; last_kill=-1000
+while :; do
+  alive=()
+  for n in "${NAMES[@]}"; do kill -0 "${PID[$n]}" 2>/dev/null && alive+=("$n"); done
+  [ ${#alive[@]} -eq 0 ] && break
+  now=$(elapsed)
+  if (( now > DEADLINE )); then echo "[$now s] deadline: stopping ${alive[*]}"; for n in "${alive[@]}"; do kill "${PID[$n]}"; done; break; fi
+  if (( now - last_report >= 30 )); then
+    last_report=$now
+    line="[$now s]"; for n in "${NAMES[@]}"; do line="$line $n: $(epochs_done "$n")/$(total_epochs "$n")"; done; echo "$line"
+    # If the first run still going will miss the deadline at its last epoch's pace (the 'elapsed'
+    # difference of its last two records), stop the last run still going (the others speed up).
+    lead=${alive[0]}
+    left=$(python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-2:]; print(round((int(sys.argv[2])-r[1]['epoch'])*(r[1]['elapsed']-r[0]['elapsed'])) if len(r)==2 else -1)" "$RUNS/$lead/metrics.jsonl" "$(total_epochs "$lead")" 2>/dev/null || echo -1)
+    if (( ${#alive[@]} > 1 && left >= 0 && now - last_kill > 60 && now + left > DEADLINE )); then
+      victim=${alive[-1]}; last_kill=$now
+      echo "[$now s] $lead projected to end at $((now + left))s > ${DEADLINE}s: stopping $victim"; kill "${PID[$victim]}"
+    fi
+  fi
+  sleep 2
+done
+wait "${PID[@]}" 2>/dev/null  # (a bare wait would also wait for the tee above)
+echo "[$(elapsed) s] training over"
+
+EVAL=()
+for n in "${NAMES[@]}"; do
+  tail -n 4 "$RUNS/train-$n.log" | sed "s/^/$n| /"
+  if [ -f "$RUNS/$n/summary.json" ]; then
+    ( for m in model.pt final.pt; do [ -f "$RUNS/$n/$m" ] && echo "$m: $(python3 -m capsnet evaluate --device "$DEVICE" --load "$RUNS/$n/$m" 2>&1 | tail -n 1)"; done ) > "$RUNS/evaluate-$n.log" &
+    EVAL+=($!)
+  fi
+done
+[ ${#EVAL[@]} -gt 0 ] && wait "${EVAL[@]}"
+for n in "${NAMES[@]}"; do [ -f "$RUNS/evaluate-$n.log" ] && sed "s/^/$n evaluate| /" "$RUNS/evaluate-$n.log"; done
+
+first=${NAMES[0]}
+if [ -f "$RUNS/$first/model.pt" ]; then
+  python3 -m capsnet visualize --device "$DEVICE" --load "$RUNS/$first" --out "$RUNS/vis" > "$RUNS/visualize.log" 2>&1 || tail -n 3 "$RUNS/visualize.log"
+  tar czf "$OUT/vis.tgz" -C "$RUNS" vis visualize.log 2>/dev/null
+  split -b 15M -d "$RUNS/$first/model.pt" "$OUT/model-$first.pt.part"
+  sha256sum "$RUNS/$first/model.pt"
+fi
+tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.pt' --exclude=vis .
+
+if [ "${BENCH:-1}" = 1 ] && [ "$DEVICE" = cuda ] && (( $(elapsed) < DEADLINE + 15 )); then
+  for b in 128 512; do
+    timeout 40 python3 -m capsnet bench --device cuda -b $b --steps 30 --json >> "$OUT/bench-cuda.jsonl" 2>>"$OUT/device.log"
+  done
+  cat "$OUT/bench-cuda.jsonl" 2>/dev/null
+fi
+echo "[$(elapsed) s] done"
+for n in "${NAMES[@]}"; do
+  [ -f "$RUNS/$n/summary.json" ] && echo "$n $(tr -d '\n ' < "$RUNS/$n/summary.json")" || echo "$n unfinished ($(epochs_done "$n") epochs)"
+done
