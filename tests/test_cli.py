@@ -101,6 +101,8 @@ def test_resume_refuses_another_recipe(trained_run, capsys):
     (["train", "--recipe", "slow"], "invalid choice: 'slow'"),
     (["train", "--ema", "1.5"], "ema: must be in [0, 1)"),
     (["train", "--schedule", "linear"], "invalid choice: 'linear'"),
+    (["train", "--rotate", "200"], "rotate: must be between 0 and 180 degrees"),
+    (["train", "--scale", "1.5"], "scale: must be in [0, 1)"),
     (["train", "-b", "0"], "batchsize: must be positive"),
     (["train", "-b", "-5"], "batchsize: must be positive"),
     (["train", "-e", "-1"], "epoch: must be 0 or more"),

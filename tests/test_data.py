@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from capsnet.data import mnist
-from capsnet.data.augment import random_shift
+import math
+
+from capsnet.config import TrainConfig
+from capsnet.data.augment import affine_warp, augment, random_affine, random_shift
 from capsnet.data.idx import decode_idx, encode_idx
 from capsnet.data.safe_pickle import load_numpy_pickle
 from capsnet.errors import CapsNetError
@@ -96,3 +99,52 @@ def test_shifts_are_reproducible_and_keep_content():
     b = random_shift(images, 2, torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
     assert torch.equal(random_shift(images, 0), images)
+
+
+def test_affine_warp_with_whole_pixel_shifts_is_the_shift_copy():
+    images = torch.rand(3, 1, 10, 12)  # not square: the pixel <-> [-1, 1] conversion differs per axis
+    shift = torch.tensor([[2.0, -1.0], [-2.0, 0.0], [0.0, 1.0]])  # (dx, dy): right, down
+    out = affine_warp(images, torch.zeros(3), torch.ones(3), shift)
+    for i, (dx, dy) in enumerate(shift.long().tolist()):
+        expected = torch.zeros_like(images[i])
+        expected[:, max(dy, 0):10 + min(dy, 0), max(dx, 0):12 + min(dx, 0)] = \
+            images[i][:, max(-dy, 0):10 - max(dy, 0), max(-dx, 0):12 - max(dx, 0)]
+        assert torch.allclose(out[i], expected, atol=1e-6), i
+
+
+def test_affine_warp_rotates_counter_clockwise_and_scales_about_the_centre():
+    images = torch.rand(2, 1, 8, 8)
+    out = affine_warp(images, torch.full((2,), math.pi / 2), torch.ones(2), torch.zeros(2, 2))
+    assert torch.allclose(out, torch.rot90(images, 1, dims=(2, 3)), atol=1e-5)  # numpy's counter-clockwise
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    blob = torch.exp(-((ys - 13.5) ** 2 + (xs - 13.5) ** 2) / 18.0)[None, None]  # centred, smooth
+    bigger = affine_warp(blob, torch.zeros(1), torch.tensor([1.2]), torch.zeros(1, 2))
+    assert bigger.sum() / blob.sum() == pytest.approx(1.44, rel=0.02)  # area grows as the square of the scale
+    assert bigger.flatten().argmax() == blob.flatten().argmax()  # about the centre: the peak stays put
+
+
+def test_random_affine_draws_per_image_within_its_ranges():
+    n = 300
+    images = torch.zeros(n, 1, 29, 29)
+    images[:, 0, 14, 10:19] = 1.0  # a horizontal bar through the centre
+    out = random_affine(images, 2, 30.0, 0.0, torch.Generator().manual_seed(1))
+    assert torch.equal(out, random_affine(images, 2, 30.0, 0.0, torch.Generator().manual_seed(1)))
+    ys, xs = torch.meshgrid(torch.arange(29.0), torch.arange(29.0), indexing="ij")
+    w = out[:, 0]
+    cy, cx = (w * ys).sum((1, 2)) / w.sum((1, 2)), (w * xs).sum((1, 2)) / w.sum((1, 2))
+    assert ((cy - 14).abs() <= 2.05).all() and ((cx - 14).abs() <= 2.05).all()  # shifts within +-2 px
+    # the bar's angle, from the second moments: within +-30 degrees, and spread over that range
+    vxx, vyy = (w * (xs - cx[:, None, None]) ** 2).sum((1, 2)), (w * (ys - cy[:, None, None]) ** 2).sum((1, 2))
+    vxy = (w * (xs - cx[:, None, None]) * (ys - cy[:, None, None])).sum((1, 2))
+    angle = torch.rad2deg(0.5 * torch.atan2(2 * vxy, vxx - vyy)).abs()
+    assert angle.max() <= 31 and angle.max() > 25 and angle.min() < 5
+
+
+def test_augment_keeps_the_paper_shifts_unless_asked_for_more():
+    images = torch.rand(5, 1, 12, 12)
+    plain = augment(images, TrainConfig(), torch.Generator().manual_seed(3))
+    assert torch.equal(plain, random_shift(images, 2, torch.Generator().manual_seed(3)))
+    warped = augment(images, TrainConfig(max_rotation=10.0), torch.Generator().manual_seed(3))
+    assert torch.equal(warped, random_affine(images, 2, 10.0, 0.0, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="max_scale"):
+        TrainConfig(max_scale=1.5)

@@ -16,7 +16,7 @@ import time
 import torch
 
 from .config import ModelConfig, TrainConfig
-from .data.augment import random_shift
+from .data.augment import augment
 from .model import CapsNet
 from .runtime import autocast, configure, describe, resolve_precision
 from .train import compile_model, make_optimizer, step, to_input
@@ -74,7 +74,7 @@ def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128
     labels = torch.randint(0, 10, (batch,), generator=gen, device=device)
 
     def train_step():
-        x = random_shift(to_input(images, device), cfg.max_shift, gen)
+        x = augment(to_input(images, device), cfg, gen)
         step(model, x, labels, cfg, precision, optimizer)
 
     model.train()

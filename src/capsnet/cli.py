@@ -36,6 +36,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _degrees(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 180.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 180 degrees, got {value}")
+    return value
+
+
 def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-g", "--gpu", type=int, default=None, help="GPU index, -1 for the CPU (the seed's flag)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -64,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="initial learning rate (default 1e-3)")
     t.add_argument("--shift", type=_non_negative, default=None,
                    help="largest random shift of a training image, in pixels (default 2, the paper's; 0 = none)")
+    t.add_argument("--rotate", type=_degrees, default=None, metavar="DEG",
+                   help="also rotate each training image at random by up to DEG degrees (default 0: not in the paper)")
+    t.add_argument("--scale", type=_fraction, default=None, metavar="FRAC",
+                   help="also scale each training image at random by 1 +- FRAC (default 0: not in the paper)")
     t.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="cosine: per step down to the floor by the last epoch (default); exp: x decay per epoch")
     t.add_argument("--ema", type=_fraction, default=None, metavar="DECAY",
@@ -149,7 +160,7 @@ def cmd_train(args) -> int:
                        "seed": args.seed, "limit": args.limit, "val_size": args.val, "dataset": args.dataset,
                        "precision": args.precision, "test_every_epoch": args.test_every_epoch or None,
                        "compile": args.compile, "schedule": args.schedule, "ema_decay": args.ema,
-                       "max_shift": args.shift}
+                       "max_shift": args.shift, "max_rotation": args.rotate, "max_scale": args.scale}
     train_overrides = {k: v for k, v in train_overrides.items() if v is not None}
     model_overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
 

@@ -75,6 +75,8 @@ class TrainConfig:
     lr_min: float = 1e-5  # ... down to this floor (cosine: where it ends)
     ema_decay: float = 0.999  # > 0: evaluate and save an exponential moving average of the weights
     max_shift: int = 2  # random translation, pixels, drawn per image
+    max_rotation: float = 0.0  # > 0: also a random rotation, uniform in +- this many degrees ...
+    max_scale: float = 0.0  # > 0: ... and scale, uniform in 1 +- this (then shifts are not whole pixels)
     seed: int = 789
     val_size: int = 5000  # last images of the training set, held out for selection
     limit: int = 0  # use only the first N training images (0 = all)
@@ -93,6 +95,10 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.max_rotation <= 180.0:
+            raise ValueError(f"max_rotation must be in [0, 180] degrees, got {self.max_rotation}")
+        if not 0.0 <= self.max_scale < 1.0:
+            raise ValueError(f"max_scale must be in [0, 1), got {self.max_scale}")
 
 
 SCHEDULES = ("exp", "cosine")

@@ -18,7 +18,7 @@ from .checkpoint import load_checkpoint, model_payload, train_state_payload
 from .config import LEGACY_TRAIN_SETTINGS, ModelConfig, TrainConfig, from_dict, to_dict
 from .averaging import WeightAverage
 from .data import Dataset
-from .data.augment import random_shift
+from .data.augment import augment
 from .errors import CapsNetError
 from .files import atomic_torch_save, write_json
 from .losses import capsule_loss
@@ -133,7 +133,7 @@ def train_one_epoch(model, optimizer: torch.optim.Optimizer, images: torch.Tenso
     start = time.perf_counter()
     for first in range(0, len(order), cfg.batch_size):
         idx = order[first:first + cfg.batch_size]
-        x = random_shift(to_input(images[idx.to(images.device)], device), cfg.max_shift, gen)
+        x = augment(to_input(images[idx.to(images.device)], device), cfg, gen)
         y = labels[idx.to(labels.device)].to(device, non_blocking=True)
         lr = learning_rate(cfg, epoch + first / len(order))
         for group in optimizer.param_groups:
