@@ -1,11 +1,19 @@
 import json
 
+import pytest
 import torch
+import torch._dynamo.utils
 
 from capsnet.bench import format_table, run_bench
 from capsnet.cli import main
+from capsnet.config import TrainConfig
+from capsnet.errors import CapsNetError
 from capsnet.layers import DigitCaps
+from capsnet.model import CapsNet
 from capsnet.routing import dynamic_routing, dynamic_routing_fusable
+from capsnet.train import compile_model
+
+from conftest import small_model_config
 
 
 def test_fusable_routing_is_the_same_function():
@@ -45,3 +53,26 @@ def test_bench_command_prints_one_json_line(capsys):
     line = capsys.readouterr().out.strip()
     assert len(line.splitlines()) == 1
     assert json.loads(line)["formulation"] == "baseline"
+
+
+def test_compile_modes_compile_what_they_name(tiny_data):
+    cfg = small_model_config(tiny_data)
+    for mode in ("model", "graphs"):
+        model = CapsNet(cfg)
+        compile_model(model, mode)
+        assert model._compiled_call_impl is not None and model.digits._compiled_call_impl is None, mode
+    model = CapsNet(cfg)
+    compile_model(model, "model")
+    torch.manual_seed(0)
+    x, y = torch.rand(3, cfg.in_channels, cfg.image_size, cfg.image_size), torch.tensor([1, 2, 3])
+    eager = CapsNet(cfg)
+    eager.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    out, ref = model(x, y), eager(x, y)  # the whole forward, compiled, is the same function
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # compiled, not fallen back to eager
+    assert torch.allclose(out.lengths, ref.lengths, atol=1e-5) and torch.allclose(out.recon, ref.recon, atol=1e-5)
+    with pytest.raises(CapsNetError, match="unknown compile mode"):
+        compile_model(CapsNet(cfg), "everything")
+    with pytest.raises(ValueError, match="compile_mode"):
+        TrainConfig(compile_mode="everything")

@@ -2,13 +2,14 @@
 # One device call that trains several runs at once on one GPU, then evaluates each again from its
 # model.pt and final.pt, draws the first run's pictures and, if time is left, runs the GPU bench.
 # Everything small comes back through $OUT: runs.tgz (every run's config/metrics/summary and
-# logs), vis.tgz, the first run's model.pt in 15 MB parts, device.log, bench-cuda.jsonl.
+# logs), vis.tgz, the first run's model.pt in 15 MB parts, device.log, bench-cuda.jsonl (bench-cpu.jsonl in a dry run).
 #
 #   JOBS: one run per line, "NAME FLAGS..." (the flags of `capsnet train`). Default: the default
 #   recipe, seeds 789 790 791 (SEEDS), each with EXTRA flags.
 #   run (device tool), carry [".data"] (MNIST's four .gz files under .data/mnist):
 #       bash tools/device_runs.sh
 #       JOBS=$'leaky-s789 --leaky-relu -s 789\nleaky-s790 --leaky-relu -s 790' bash tools/device_runs.sh
+#   JOBS=none BENCH=$'-b 64\n-b 64 --compile-mode graphs' bash tools/device_runs.sh   # the bench alone
 #   dry run here:  OUT=/tmp/out DEVICE=cpu EXTRA="-e 1 --limit 640 --val 128" bash tools/device_runs.sh
 set -u
 T0=$SECONDS
@@ -19,6 +20,8 @@ OUT=${OUT:?OUT must name a folder}
 RUNS=${RUNS:-/dev/shm/capsnet-runs}
 if [ -z "${JOBS:-}" ]; then
   JOBS=$(for s in ${SEEDS:-789 790 791}; do echo "s$s --seed $s"; done)
+elif [ "$JOBS" = none ]; then
+  JOBS=""  # the bench alone
 fi
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 CAPSNET_DATA=$RUNS/data
 mkdir -p "$OUT" "$RUNS/data" && cp -r .data/mnist "$RUNS/data/"  # (the cache unpacks there, not in .data)
@@ -78,8 +81,8 @@ done
 [ ${#EVAL[@]} -gt 0 ] && wait "${EVAL[@]}"
 for n in "${NAMES[@]}"; do [ -f "$RUNS/evaluate-$n.log" ] && sed "s/^/$n evaluate| /" "$RUNS/evaluate-$n.log"; done
 
-first=${NAMES[0]}
-if [ -f "$RUNS/$first/model.pt" ]; then
+first=${NAMES[0]:-}
+if [ -n "$first" ] && [ -f "$RUNS/$first/model.pt" ]; then
   python3 -m capsnet visualize --device "$DEVICE" --load "$RUNS/$first" --out "$RUNS/vis" > "$RUNS/visualize.log" 2>&1 || tail -n 3 "$RUNS/visualize.log"
   tar czf "$OUT/vis.tgz" -C "$RUNS" vis visualize.log 2>/dev/null
   split -b 15M -d "$RUNS/$first/model.pt" "$OUT/model-$first.pt.part"
@@ -87,11 +90,17 @@ if [ -f "$RUNS/$first/model.pt" ]; then
 fi
 tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.pt' --exclude=vis .
 
-if [ "${BENCH:-1}" = 1 ] && [ "$DEVICE" = cuda ] && (( $(elapsed) < DEADLINE + 15 )); then
-  for b in 128 512; do
-    timeout 40 python3 -m capsnet bench --device cuda -b $b --steps 30 --json >> "$OUT/bench-cuda.jsonl" 2>>"$OUT/device.log"
-  done
-  cat "$OUT/bench-cuda.jsonl" 2>/dev/null
+# BENCH: one `capsnet bench` per line (its flags), run after the training if time is left;
+# BENCH=none skips it. Each line gets its own process and at most BENCH_LIMIT seconds.
+BENCH=${BENCH:-$'-b 128\n-b 512'}
+if [ "$BENCH" != none ] && (( $(elapsed) < DEADLINE + 15 )); then
+  while read -r flags; do
+    [ -z "$flags" ] && continue
+    # shellcheck disable=SC2086
+    timeout "${BENCH_LIMIT:-90}" python3 -m capsnet bench --device "$DEVICE" --steps 30 --json $flags >> "$OUT/bench-$DEVICE.jsonl" 2>>"$OUT/device.log" \
+      || echo "bench $flags: failed or timed out"
+  done <<< "$BENCH"
+  cat "$OUT/bench-$DEVICE.jsonl" 2>/dev/null
 fi
 echo "[$(elapsed) s] done"
 for n in "${NAMES[@]}"; do

@@ -47,7 +47,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128, steps: int = 10,
-              warmup: int = 3, compile: bool = True, baseline: bool = False, seed: int = 0) -> dict:
+              warmup: int = 3, compile: bool = True, compile_mode: str = "layer", baseline: bool = False,
+              seed: int = 0) -> dict:
     """Time training and inference (classification: no decoder). baseline=True measures the plain
     formulation this project started from (library convolution gradients, routing as PyTorch
     operations, no compilation, unfused Adam, glibc's default allocator settings) for comparison."""
@@ -60,10 +61,11 @@ def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128
         model.digits.use_kernel = False
         compile = False
     if compile:
-        compile_model(model)
+        compile_model(model, compile_mode)
     from . import cpu_kernels
 
-    if device.type == "cpu" and model.digits.use_kernel and cpu_kernels.available():
+    if device.type == "cpu" and model.digits.use_kernel and cpu_kernels.available() and \
+            not (compile and compile_mode != "layer"):
         routing = "C++ kernel"
     else:
         routing = "torch.compile" if compile else "PyTorch ops"
@@ -92,7 +94,7 @@ def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128
             "train_step_ms": round(t_train * 1000, 1), "peak_mem_mb": round(train_peak, 1),
             "precision": precision, "batch": batch, "threads": torch.get_num_threads(), "device": str(device),
             "device_name": describe(device), "torch": torch.__version__, "routing": routing,
-            "formulation": "baseline" if baseline else "capsnet"}
+            "compile": compile_mode if compile else "off", "formulation": "baseline" if baseline else "capsnet"}
 
 
 def run_in_subprocess(args: list[str]) -> dict:

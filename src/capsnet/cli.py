@@ -5,14 +5,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import RECIPES, SCHEDULES
+from .config import COMPILE_MODES, RECIPES, SCHEDULES
 from .errors import CapsNetError
 
 # Model flags: None means "not given", so --resume can tell a conflicting flag from a default.
 MODEL_FLAGS = {"routing_iters": "--routing-iters", "shared_weights": "--shared-weights",
                "leaky_relu": "--leaky-relu", "detach_routing": "--detach-routing", "reconstruct": "--no-reconstruct"}
 # Settings a resumed run may change: they don't alter what the run computes.
-RESUMABLE = ("epochs", "test_every_epoch", "compile")
+RESUMABLE = ("epochs", "test_every_epoch", "compile", "compile_mode")
 
 
 def _positive(text: str) -> int:
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--visualize", action="store_true", help="write the pictures into the run directory at the end")
     t.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the capsule layer (default on)")
+    t.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="what to compile: layer (default), model, or graphs (the model as CUDA graphs on a GPU)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     _device_args(t)
 
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=_positive, default=10, help="timed steps (median reported)")
     b.add_argument("--warmup", type=_non_negative, default=3)
     b.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=True)
+    b.add_argument("--compile-mode", choices=COMPILE_MODES, default="layer",
+                   help="what to compile: layer (default), model, or graphs (the model as CUDA graphs on a GPU)")
     b.add_argument("--baseline", action="store_true", help="the plain formulation (library conv gradients, eager)")
     b.add_argument("--compare", action="store_true",
                    help="baseline and capsnet at fp32 and the default precision, each in its own process")
@@ -160,7 +164,8 @@ def cmd_train(args) -> int:
                        "seed": args.seed, "limit": args.limit, "val_size": args.val, "dataset": args.dataset,
                        "precision": args.precision, "test_every_epoch": args.test_every_epoch or None,
                        "compile": args.compile, "schedule": args.schedule, "ema_decay": args.ema,
-                       "max_shift": args.shift, "max_rotation": args.rotate, "max_scale": args.scale}
+                       "max_shift": args.shift, "max_rotation": args.rotate, "max_scale": args.scale,
+                       "compile_mode": args.compile_mode}
     train_overrides = {k: v for k, v in train_overrides.items() if v is not None}
     model_overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
 
@@ -252,7 +257,8 @@ def cmd_bench(args) -> int:
         print("\n".join(json.dumps(r) for r in rows) if args.json else format_table(rows))
         return 0
     result = run_bench(device, precision=args.precision or "auto", batch=args.batchsize, steps=args.steps,
-                       warmup=args.warmup, compile=args.compile, baseline=args.baseline)
+                       warmup=args.warmup, compile=args.compile, compile_mode=args.compile_mode,
+                       baseline=args.baseline)
     print(json.dumps(result) if args.json else format_table([result]))
     return 0
 

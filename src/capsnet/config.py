@@ -87,7 +87,8 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp32 | tf32
     test_every_epoch: bool = False
     eval_batch_size: int = 500
-    compile: bool = True  # torch.compile the capsule layer (falls back to eager if it can't)
+    compile: bool = True  # torch.compile (falls back to eager if it can't) ...
+    compile_mode: str = "layer"  # ... the capsule layer | the whole model | the whole model as CUDA graphs
     recipe: str = "default"  # the named recipe these settings started from (see RECIPES)
 
     def __post_init__(self) -> None:
@@ -95,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if not 0.0 <= self.max_rotation <= 180.0:
             raise ValueError(f"max_rotation must be in [0, 180] degrees, got {self.max_rotation}")
         if not 0.0 <= self.max_scale < 1.0:
@@ -102,6 +105,7 @@ class TrainConfig:
 
 
 SCHEDULES = ("exp", "cosine")
+COMPILE_MODES = ("layer", "model", "graphs")
 
 
 def to_dict(cfg) -> dict:
@@ -144,4 +148,4 @@ def recipe_config(name: str = "default", **overrides) -> TrainConfig:
     return TrainConfig(**{**RECIPES[name], **overrides, "recipe": name})
 
 
-__all__ = ["ModelConfig", "TrainConfig", "to_dict", "from_dict", "RECIPES", "SCHEDULES", "recipe_config"]
+__all__ = ["ModelConfig", "TrainConfig", "to_dict", "from_dict", "RECIPES", "SCHEDULES", "COMPILE_MODES", "recipe_config"]

@@ -15,7 +15,7 @@ import torch
 
 from . import __version__
 from .checkpoint import load_checkpoint, model_payload, train_state_payload
-from .config import LEGACY_TRAIN_SETTINGS, ModelConfig, TrainConfig, from_dict, to_dict
+from .config import COMPILE_MODES, LEGACY_TRAIN_SETTINGS, ModelConfig, TrainConfig, from_dict, to_dict
 from .averaging import WeightAverage
 from .data import Dataset
 from .data.augment import augment
@@ -51,21 +51,31 @@ def learning_rate(cfg: TrainConfig, t: float) -> float:
     return max(cfg.lr * cfg.lr_decay ** math.floor(t), cfg.lr_min)
 
 
-def compile_model(model: CapsNet) -> None:
-    """torch.compile the capsule layer in place (its parameters and state_dict keys unchanged).
+def compile_model(model: CapsNet, mode: str = "layer") -> None:
+    """torch.compile the model in place (its parameters and state_dict keys unchanged).
 
-    The routing loop is many small elementwise passes over u_hat; compiled, each iteration is
-    one fused loop. Where compilation fails (no C++ compiler, say) dynamo falls back to eager.
-    On CPU, where the fused C++ routing kernel (cpu_kernels) builds, that is used instead.
+    layer (default): the capsule layer alone. The routing loop is many small elementwise passes
+    over u_hat; compiled, each iteration is one fused loop. On CPU, where the fused C++ routing
+    kernel (cpu_kernels) builds, that is used instead and nothing is compiled.
+    model: the whole forward pass (convolutions, routing, decoder), on CPU without the C++ kernel.
+    graphs: the whole forward pass in torch.compile's "reduce-overhead" mode, which on a GPU
+    replays each compiled forward and backward as one CUDA graph instead of launching kernel
+    after kernel (on CPU it is the same as model).
+    Where compilation fails (no C++ compiler, say) dynamo falls back to eager.
     """
     import torch._dynamo
 
     from . import cpu_kernels
 
-    if next(model.parameters()).device.type == "cpu" and cpu_kernels.available():
-        return  # the hand-written routing kernel beats the compiled one on CPU (see bench)
+    if mode not in COMPILE_MODES:
+        raise CapsNetError(f"unknown compile mode {mode!r} (use {', '.join(COMPILE_MODES)})")
     torch._dynamo.config.suppress_errors = True
-    model.digits.compile()
+    if mode == "layer":
+        if next(model.parameters()).device.type == "cpu" and cpu_kernels.available():
+            return  # the hand-written routing kernel beats the compiled one on CPU (see bench)
+        model.digits.compile()
+        return
+    model.compile(mode="reduce-overhead" if mode == "graphs" else None)
 
 
 def make_optimizer(model: CapsNet, cfg: TrainConfig, device: torch.device, *, fused: bool = True):
@@ -301,7 +311,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
     evaluated = average.model if average is not None else model  # what validation, test and model.pt see
     started = time.perf_counter() - elapsed  # wall time of the run, carried across resumes
     if cfg.compile:
-        compile_model(model)
+        compile_model(model, cfg.compile_mode)
     trainee = model  # what the training step calls; `model` stays the plain module we save
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
