@@ -1,4 +1,6 @@
 """The command line: one successful run end to end, and one line for each kind of bad input."""
+import json
+import math
 import subprocess
 import sys
 
@@ -36,18 +38,16 @@ def trained_run(tmp_path_factory, mnist):
 
 
 def test_train_writes_a_complete_run_directory(trained_run):
-    import json
-
     for name in ("config.json", "metrics.jsonl", "last.pt", "model.pt", "final.pt", "summary.json"):
         assert (trained_run / name).is_file(), name
     assert json.loads((trained_run / "config.json").read_text())["train"]["max_shift"] == 1
 
 
-def test_visualize_writes_twelve_pictures_of_the_seed_layout(trained_run, capsys):
+def test_visualize_writes_the_seed_layout_and_the_errors(trained_run, mnist, capsys):
     out = trained_run / "pictures"
     code, stdout, _ = run_cli(capsys, "visualize", "--load", str(trained_run), "--out", str(out), "--device", "cpu")
     assert code == 0
-    names = ["vis.png", "vis_all.png"] + [f"vis_tweaked{k}.png" for k in range(10)]
+    names = ["vis.png", "vis_all.png", "vis_errors.png"] + [f"vis_tweaked{k}.png" for k in range(10)]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     tile = 32  # 31 px tile + 1 px line
     assert Image.open(out / "vis.png").size == (20 * tile + 1, 2 * tile + 1)
@@ -60,12 +60,22 @@ def test_visualize_writes_twelve_pictures_of_the_seed_layout(trained_run, capsys
     assert g > b and g > r
     r, g, b = pixels.getpixel((3, tile + 3))
     assert b > g > r
+    # vis_errors: blocks of up to 20 wrong test digits (a caption row, the digit, two reconstructions)
+    from capsnet.checkpoint import load_model
+    from capsnet.viz import ERROR_COLUMNS, MAX_ERRORS, misclassified
+
+    summary = json.loads((trained_run / "summary.json").read_text())
+    wrong, predicted = misclassified(load_model(trained_run), mnist.test_images, mnist.test_labels,
+                                     summary["precision"])
+    assert len(wrong) == summary["test_errors"] > 0  # the errors `evaluate` counts, one by one
+    assert (predicted != mnist.test_labels[wrong]).all()
+    drawn = min(len(wrong), MAX_ERRORS)
+    assert Image.open(out / "vis_errors.png").size == (min(drawn, ERROR_COLUMNS) * tile + 1,
+                                                      math.ceil(drawn / ERROR_COLUMNS) * 4 * tile + 1)
     assert (trained_run / "vis_all.png").is_file()  # --visualize put them in the run directory too
 
 
 def test_evaluate_reproduces_the_logged_test_accuracy(trained_run, capsys):
-    import json
-
     summary = json.loads((trained_run / "summary.json").read_text())
     code, out, _ = run_cli(capsys, "evaluate", "--load", str(trained_run), "--device", "cpu")
     assert code == 0

@@ -206,7 +206,7 @@ def cmd_train(args) -> int:
     if args.visualize and dist.is_main:
         from .viz import write_all
 
-        paths = write_all(run_dir, data, run_dir, device)
+        paths = write_all(run_dir, data, run_dir, device, cfg.precision)
         if not args.quiet:
             print(f"wrote {len(paths)} pictures to {run_dir}")
     return 0
@@ -236,7 +236,7 @@ def cmd_visualize(args) -> int:
     device = _device(args)
     data = load_dataset("mnist", args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
     out = args.out or (args.load if args.load.is_dir() else args.load.parent)
-    paths = write_all(args.load, data, out, device)
+    paths = write_all(args.load, data, out, device, args.precision or "auto")
     print(f"wrote {len(paths)} pictures to {out}: " + ", ".join(p.name for p in paths[:3]) + ", ...")
     return 0
 

@@ -4,6 +4,8 @@
 - vis_all.png: the same green row, then row j reconstructs every input through capsule j.
 - vis_tweakedK.png: one digit of class K; column d adds (row - 4) * 0.075 to dimension d of
   its capsule (rows -0.30 .. +0.30); the unperturbed centre row in green.
+- vis_errors.png (ours): the test digits the model gets wrong, in test order, each over its
+  reconstruction through the capsule that won and through the capsule of its true class.
 """
 from __future__ import annotations
 
@@ -41,6 +43,32 @@ def grid(rows: list[list[tuple[np.ndarray, tuple]]]):
         for c, (image, palette) in enumerate(row):
             tile = Image.fromarray(colorize(image, palette)).resize((TILE, TILE), Image.BILINEAR)
             canvas.paste(tile, (LINE + c * (TILE + LINE), LINE + r * (TILE + LINE)))
+    return canvas
+
+
+def caption_row(texts: list[str]):
+    """A row of white tiles, each with a short centred caption (PIL's built-in font)."""
+    from PIL import Image, ImageDraw
+
+    row = Image.new("RGB", (len(texts) * (TILE + LINE) + LINE, TILE + 2 * LINE), "white")
+    draw = ImageDraw.Draw(row)
+    for c, text in enumerate(texts):
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        x = LINE + c * (TILE + LINE) + (TILE - (right - left)) // 2
+        draw.text((x, LINE + (TILE - (bottom - top)) // 2 - top), text, fill=(0, 0, 0))
+    return row
+
+
+def stack(images: list):
+    """PIL images top to bottom, left-aligned on white (the shared grid line drawn once)."""
+    from PIL import Image
+
+    canvas = Image.new("RGB", (max(im.width for im in images), sum(im.height - LINE for im in images) + LINE),
+                       "white")
+    y = 0
+    for im in images:
+        canvas.paste(im, (0, y))
+        y += im.height - LINE
     return canvas
 
 
@@ -85,9 +113,56 @@ def tweaks(model, pose: torch.Tensor, cls: int) -> torch.Tensor:
     return model.reconstruct(full, select).view(TWEAK_ROWS, d, *model.decoder.shape)
 
 
-def write_all(load: Path, data, out: Path, device: torch.device) -> list[Path]:
-    """Write vis.png, vis_all.png and vis_tweaked0..K.png for the model at `load`; return their paths."""
+ERROR_COLUMNS, MAX_ERRORS = 20, 100
+
+
+@torch.no_grad()
+def misclassified(model, images_u8: torch.Tensor, labels: torch.Tensor, precision: str,
+                  batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, predicted classes) of the images the model gets wrong, as `capsnet evaluate` counts them."""
+    from .runtime import autocast
+    from .train import to_input
+
+    device = next(model.parameters()).device
+    predicted = []
+    for first in range(0, images_u8.shape[0], batch):
+        with autocast(device, precision):
+            out = model(to_input(images_u8[first:first + batch], device), reconstruct=False)
+        predicted.append(out.lengths.float().argmax(dim=1).cpu())
+    predicted = torch.cat(predicted)
+    wrong = (predicted != labels.cpu()).nonzero().flatten()
+    return wrong, predicted[wrong]
+
+
+def error_picture(model, data, precision: str):
+    """vis_errors.png's image and the number of test errors (at most MAX_ERRORS are drawn): blocks of
+    ERROR_COLUMNS columns, each a caption 'true>predicted', the digit (green), its reconstruction
+    through the winning capsule and through its true class's capsule (blue)."""
+    from .train import to_input
+
+    device = next(model.parameters()).device
+    wrong, predicted = misclassified(model, data.test_images, data.test_labels, precision)
+    blocks = []
+    for first in range(0, min(len(wrong), MAX_ERRORS), ERROR_COLUMNS):
+        idx, pred = wrong[first:first + ERROR_COLUMNS], predicted[first:first + ERROR_COLUMNS]
+        true = data.test_labels[idx]
+        images = to_input(data.test_images[idx], device)
+        _, recon_all = reconstructions(model, images)  # [j, b, c, h, w]
+        cols = torch.arange(len(idx), device=device)
+        as_pred = recon_all[pred.to(device), cols].float().cpu().numpy()
+        as_true = recon_all[true.to(device), cols].float().cpu().numpy()
+        tiles = grid([[(im, GREEN) for im in images.float().cpu().numpy()], [(im, BLUE) for im in as_pred],
+                      [(im, BLUE) for im in as_true]])
+        captions = caption_row([f"{t}>{p}" for t, p in zip(true.tolist(), pred.tolist())])
+        blocks.append(stack([captions, tiles]))
+    return (stack(blocks) if blocks else None), len(wrong)
+
+
+def write_all(load: Path, data, out: Path, device: torch.device, precision: str = "auto") -> list[Path]:
+    """Write vis.png, vis_all.png, vis_tweaked0..K.png and vis_errors.png (if the model makes any
+    test errors) for the model at `load`; return their paths."""
     from .checkpoint import load_model
+    from .runtime import resolve_precision
     from .train import to_input
 
     model = load_model(load).to(device)
@@ -111,4 +186,7 @@ def write_all(load: Path, data, out: Path, device: torch.device) -> list[Path]:
         sweep = tweaks(model, poses[first, cls], cls).cpu().numpy()  # [rows, d, c, h, w]
         rows = [[(im, GREEN if r == TWEAK_ROWS // 2 else BLUE) for im in sweep[r]] for r in range(TWEAK_ROWS)]
         paths.append(save_png(grid(rows), out / f"vis_tweaked{cls}.png"))
+    picture, _ = error_picture(model, data, resolve_precision(precision, device))
+    if picture is not None:
+        paths.append(save_png(picture, out / "vis_errors.png"))
     return paths
