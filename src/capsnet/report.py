@@ -59,6 +59,12 @@ def read_run(folder: Path) -> dict:
     }
 
 
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table: the header, the separator, one line per row (cells as str())."""
+    lines = [header, ["---"] * len(header)] + [[str(cell) for cell in row] for row in rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
 def _accuracy(acc: float | None, errors: int | None) -> str:
     return "-" if acc is None else f"{acc * 100:.2f}% ({errors})"
 
@@ -68,18 +74,16 @@ def results_table(folders: list[Path]) -> str:
     chosen on validation (model.pt) and of the final model (final.pt). Training time sums the epochs'
     training loops; wall time (logged since capsnet 0.1's recipes) runs from the start of training to
     the test result, evaluations and checkpoints included."""
-    rows = [read_run(f) for f in folders]
-    lines = ["| run | test, validation-chosen model (errors) | test, final model (errors) | epochs (chosen) | "
-             "training time | wall time | train img/s | precision, batch | machine | command | commit |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        minutes = r["seconds"] / 60
+    rows = []
+    for r in (read_run(f) for f in folders):
         wall = f"{r['wall_seconds'] / 60:.1f} min" if r["wall_seconds"] is not None else "-"
-        lines.append(f"| {r['name']} | {_accuracy(r['test_acc'], r['test_errors'])} | "
-                     f"{_accuracy(r['final_test_acc'], r['final_test_errors'])} | {r['epochs']} "
-                     f"({r['selected_epoch']}) | {minutes:.1f} min | {wall} | {r['img_s']:.0f} | {r['precision']}, "
-                     f"{r['batch']} | {r['device']} | `{r['command']}` | {r['commit']} |")
-    return "\n".join(lines)
+        rows.append([r["name"], _accuracy(r["test_acc"], r["test_errors"]),
+                     _accuracy(r["final_test_acc"], r["final_test_errors"]), f"{r['epochs']} ({r['selected_epoch']})",
+                     f"{r['seconds'] / 60:.1f} min", wall, f"{r['img_s']:.0f}", f"{r['precision']}, {r['batch']}",
+                     r["device"], f"`{r['command']}`", r["commit"]])
+    return markdown_table(["run", "test, validation-chosen model (errors)", "test, final model (errors)",
+                           "epochs (chosen)", "training time", "wall time", "train img/s", "precision, batch",
+                           "machine", "command", "commit"], rows)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -108,30 +112,27 @@ def seeds_table(folders: list[Path]) -> str:
     for r in (read_run(f) for f in folders):
         key = (r["recipe"], _architecture(r), r["epochs"], r["batch"], r["precision"], r["device"])
         groups.setdefault(key, []).append(r)
-    lines = ["| recipe | architecture | epochs | batch, precision | machine | seeds | test, validation-chosen model | "
-             "test, final model |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for (recipe, architecture, epochs, batch, precision, device), rows in groups.items():
-        seeds = ", ".join(str(r["seed"]) for r in rows)
-        finals = [r["final_test_acc"] for r in rows if r["final_test_acc"] is not None]
-        lines.append(f"| {recipe} | {architecture} | {epochs} | {batch}, {precision} | {device} | {seeds} | "
-                     f"{_mean_std([r['test_acc'] for r in rows])} | {_mean_std(finals)} |")
-    return "\n".join(lines)
+    rows = []
+    for (recipe, architecture, epochs, batch, precision, device), runs in groups.items():
+        finals = [r["final_test_acc"] for r in runs if r["final_test_acc"] is not None]
+        rows.append([recipe, architecture, epochs, f"{batch}, {precision}", device,
+                     ", ".join(str(r["seed"]) for r in runs), _mean_std([r["test_acc"] for r in runs]),
+                     _mean_std(finals)])
+    return markdown_table(["recipe", "architecture", "epochs", "batch, precision", "machine", "seeds",
+                           "test, validation-chosen model", "test, final model"], rows)
 
 
 def ablation_table(folders: list[Path]) -> str:
     """The architecture switches of the paper's Table 1 and the Chainer port, one row per run."""
-    rows = [read_run(f) for f in folders]
-    lines = ["| run | routing iterations | reconstruction | transformation matrices | after conv1 | epochs | "
-             "validation accuracy | test accuracy (errors) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        val = f"{r['val_acc'] * 100:.2f}%" if r["val_acc"] is not None else "-"
-        lines.append(f"| {r['name']} | {r['routing_iters']} | {'yes' if r['reconstruct'] else 'no'} | "
-                     f"{'shared per type' if r['shared_weights'] else 'one per capsule'} | "
-                     f"{'leaky ReLU' if r['leaky_relu'] else 'ReLU'} | {r['epochs']} | {val} | "
-                     f"{r['test_acc'] * 100:.2f}% ({r['test_errors']}) |")
-    return "\n".join(lines)
+    rows = []
+    for r in (read_run(f) for f in folders):
+        rows.append([r["name"], r["routing_iters"], "yes" if r["reconstruct"] else "no",
+                     "shared per type" if r["shared_weights"] else "one per capsule",
+                     "leaky ReLU" if r["leaky_relu"] else "ReLU", r["epochs"],
+                     f"{r['val_acc'] * 100:.2f}%" if r["val_acc"] is not None else "-",
+                     _accuracy(r["test_acc"], r["test_errors"])])
+    return markdown_table(["run", "routing iterations", "reconstruction", "transformation matrices", "after conv1",
+                           "epochs", "validation accuracy", "test accuracy (errors)"], rows)
 
 
 def training_curves(folders: list[Path], out: Path) -> Path:
