@@ -97,6 +97,9 @@ def step(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, cfg: TrainC
     Evaluation measures classification only: it skips the decoder, and its loss is the margin loss.
     """
     train = optimizer is not None
+    # Under --compile-mode graphs a new step may overwrite the last one's CUDA-graph outputs; say
+    # where steps begin (a no-op for everything else). Nothing from an earlier step is kept.
+    torch.compiler.cudagraph_mark_step_begin()
     with autocast(images.device, precision):
         # Training reconstructs through the true class (section 4.1), never through the winner.
         out = model(images, labels if train else None, reconstruct=train)
