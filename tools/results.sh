@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Rebuild the README's results tables and curves from the run logs in docs/results/ alone.
+# Prints the three tables (markdown) in README order and redraws docs/pictures/curves*.png.
+#   bash tools/results.sh [--tables-only]   (with the project's .venv, or any Python where capsnet imports)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+capsnet=(python3 -m capsnet)
+[ -x .venv/bin/capsnet ] && capsnet=(.venv/bin/capsnet)
+R=docs/results
+default=("$R"/default-h200-s*)
+echo "## pooled over seeds"
+"${capsnet[@]}" report --seeds "${default[@]}" "$R/fast-s789"
+echo
+echo "## every run"
+"${capsnet[@]}" report "${default[@]}" "$R/fast-s789" "$R/e1-bf16" "$R/e1-fp32"
+echo
+echo "## ablation"
+"${capsnet[@]}" report --ablation "$R"/ablation/abl-{r3-recon,r1-recon,r3-norecon,r1-norecon,shared,leaky}
+[ "${1:-}" = --tables-only ] && exit 0
+"${capsnet[@]}" report --curves docs/pictures/curves.png "$R"/default-h200-s79{2,3,4} > /dev/null
+"${capsnet[@]}" report --curves docs/pictures/curves_fast.png "$R/fast-s789" > /dev/null
+echo
+echo "(curves redrawn: docs/pictures/curves.png, docs/pictures/curves_fast.png)"
