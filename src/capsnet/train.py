@@ -1,4 +1,4 @@
-"""One training loop: step -> train_one_epoch / evaluate -> fit (run directory, resume, selection)."""
+"""One training loop: step -> train_one_epoch; predict -> evaluate; fit (run directory, resume, selection)."""
 from __future__ import annotations
 
 import json
@@ -167,19 +167,30 @@ def train_one_epoch(model, optimizer: torch.optim.Optimizer, images: torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
-             precision: str) -> tuple[int, int]:
-    """(number correct, number of images) on unshifted images; classification only."""
+def predict(model: CapsNet, images: torch.Tensor, batch_size: int, precision: str) -> torch.Tensor:
+    """Predicted class of every image (uint8 [n, c, h, w], unshifted): [n] on the model's device.
+
+    The winner is the longest digit capsule; the decoder is skipped. Nothing waits for the host.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    for first in range(0, images.shape[0], cfg.eval_batch_size):
-        x = to_input(images[first:first + cfg.eval_batch_size], device)
-        y = labels[first:first + cfg.eval_batch_size].to(device)
-        correct += step(model, x, y, cfg, precision)[1]
+    predicted = []
+    for first in range(0, images.shape[0], batch_size):
+        # Under --compile-mode graphs each batch may overwrite the last one's graph outputs.
+        torch.compiler.cudagraph_mark_step_begin()
+        with autocast(device, precision):
+            out = model(to_input(images[first:first + batch_size], device), reconstruct=False)
+        predicted.append(out.lengths.argmax(dim=1))  # [b], a fresh tensor outside any graph
     model.train(was_training)
-    return int(correct.item()), images.shape[0]
+    return torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def evaluate(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+             precision: str) -> tuple[int, int]:
+    """(number correct, number of images) on unshifted images; classification only."""
+    predicted = predict(model, images, cfg.eval_batch_size, precision)
+    return int((predicted == labels.to(predicted.device)).sum().item()), images.shape[0]
 
 
 # ----------------------------------------------------------------------------------- run directory

@@ -120,16 +120,9 @@ ERROR_COLUMNS, MAX_ERRORS = 20, 100
 def misclassified(model, images_u8: torch.Tensor, labels: torch.Tensor, precision: str,
                   batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, predicted classes) of the images the model gets wrong, as `capsnet evaluate` counts them."""
-    from .runtime import autocast
-    from .train import to_input
+    from .train import predict
 
-    device = next(model.parameters()).device
-    predicted = []
-    for first in range(0, images_u8.shape[0], batch):
-        with autocast(device, precision):
-            out = model(to_input(images_u8[first:first + batch], device), reconstruct=False)
-        predicted.append(out.lengths.float().argmax(dim=1).cpu())
-    predicted = torch.cat(predicted)
+    predicted = predict(model, images_u8, batch, precision).cpu()
     wrong = (predicted != labels.cpu()).nonzero().flatten()
     return wrong, predicted[wrong]
 
