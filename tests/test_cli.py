@@ -1,8 +1,10 @@
 """The command line: one successful run end to end, and one line for each kind of bad input."""
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +193,16 @@ class _Evil:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly():
+    """`capsnet report | head`: no traceback and no error line once the pipe's reader has gone."""
+    results = Path(__file__).resolve().parents[1] / "docs" / "results"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "capsnet", "report", "--results", str(results)],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == ""
