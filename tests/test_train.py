@@ -10,12 +10,13 @@ from capsnet.train import evaluate, fit, prepare_run_dir, resume_state, step
 from conftest import small_model_config, synthetic
 
 
-def _fit(tmp_path, data, epochs, resume=None, name="run", **settings):
+def _fit(tmp_path, data, epochs, resume=None, name="run", argv=None, **settings):
     run = tmp_path / name
     if resume is None:
         prepare_run_dir(run, force=False)
     cfg = TrainConfig(epochs=epochs, batch_size=32, val_size=16, precision="fp32", seed=3, **settings)
-    return run, fit(small_model_config(data), cfg, data, run, torch.device("cpu"), resume=resume, verbose=False)
+    return run, fit(small_model_config(data), cfg, data, run, torch.device("cpu"), resume=resume, verbose=False,
+                    argv=argv)
 
 
 class _Stop(Exception):
@@ -38,8 +39,13 @@ def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, tiny_data, sett
     cfg = TrainConfig(epochs=3, batch_size=32, val_size=16, precision="fp32", seed=3, **settings)
     with pytest.raises(_Stop):  # interrupted during epoch 3
         fit(small_model_config(tiny_data), cfg, tiny_data, split, torch.device("cpu"), verbose=False,
-            on_epoch_end=_stop_after(2))
-    _, summary = _fit(tmp_path, tiny_data, 3, resume=resume_state(split), name="split", **settings)
+            on_epoch_end=_stop_after(2), argv=["train", "--save", "split"])
+    _, summary = _fit(tmp_path, tiny_data, 3, resume=resume_state(split), name="split",
+                      argv=["train", "--resume", "split"], **settings)
+    # config.json keeps the command that started the run and records the session that resumed it
+    config = json.loads((split / "config.json").read_text())
+    assert config["argv"] == ["train", "--save", "split"]
+    assert [(r["epoch"], r["argv"]) for r in config["resumes"]] == [(2, ["train", "--resume", "split"])]
     a = load_checkpoint(straight / "last.pt")
     b = load_checkpoint(split / "last.pt")
     assert a["epoch"] == b["epoch"] == 3

@@ -288,6 +288,24 @@ def _read_metrics(path: Path, upto: int) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= upto]
 
 
+SESSION_KEYS = ("capsnet", "torch", "git_commit", "device", "device_name", "precision", "threads", "world_size",
+                "argv")  # what may differ between the session that started a run and one that resumed it
+
+
+def _with_resume(info: dict, config_path: Path, epoch: int) -> dict:
+    """config.json for a resumed run: the starting session's command, code and machine stay on
+    record, and this session is appended to "resumes" with the epoch it continued from."""
+    try:
+        started = json.loads(config_path.read_text())
+        if not isinstance(started, dict):
+            raise ValueError
+    except (OSError, ValueError):
+        return info  # nothing readable to keep: record this session as the run's own
+    session = {"epoch": epoch, **{k: info[k] for k in SESSION_KEYS}}
+    return {**info, **{k: started[k] for k in SESSION_KEYS if k in started},
+            "resumes": [*(started.get("resumes") if isinstance(started.get("resumes"), list) else []), session]}
+
+
 def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, device: torch.device, *,
         resume: dict | None = None, argv: list[str] | None = None, log: Callable = print,
         verbose: bool = True, dist: DistInfo = SINGLE,
@@ -343,6 +361,8 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
                 "threads": torch.get_num_threads(), "world_size": dist.world, "argv": argv, "dataset": data.name,
                 "train_images": int(train_x.shape[0]), "val_images": int(val_x.shape[0]),
                 "model": to_dict(model_cfg), "train": to_dict(cfg)}
+        if resume is not None:
+            info = _with_resume(info, run_dir / "config.json", start_epoch)
         write_json(run_dir / "config.json", info)
         kept = _read_metrics(metrics_path, start_epoch)  # drop epochs after the checkpoint, if any
         with open(metrics_path, "w") as f:
