@@ -90,25 +90,23 @@ def to_input(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def step(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, precision: str,
-         optimizer: torch.optim.Optimizer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch, shared by training (with an optimizer) and evaluation (without).
+         optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training batch: forward with reconstruction, loss, backward, update.
 
     Returns (loss, number correct) as tensors, so a GPU is never made to wait for the host.
-    Evaluation measures classification only: it skips the decoder, and its loss is the margin loss.
+    Evaluation goes through predict(), which skips the decoder.
     """
-    train = optimizer is not None
     # Under --compile-mode graphs a new step may overwrite the last one's CUDA-graph outputs; say
     # where steps begin (a no-op for everything else). Nothing from an earlier step is kept.
     torch.compiler.cudagraph_mark_step_begin()
     with autocast(images.device, precision):
         # Training reconstructs through the true class (section 4.1), never through the winner.
-        out = model(images, labels if train else None, reconstruct=train)
+        out = model(images, labels, reconstruct=True)
     loss, _, _ = capsule_loss(out.lengths, labels, out.recon, images, m_plus=cfg.m_plus, m_minus=cfg.m_minus,
                               lambda_absent=cfg.lambda_absent, recon_weight=cfg.recon_weight)
-    if train:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
     correct = (out.lengths.argmax(dim=1) == labels).sum()
     return loss.detach(), correct
 
