@@ -8,11 +8,12 @@ capsnet=(python3 -m capsnet)
 [ -x .venv/bin/capsnet ] && capsnet=(.venv/bin/capsnet)
 R=docs/results
 default=("$R"/default-h200-s*)
+recipes=("${default[@]}" "$R/default-s789" "$R/fast-s789" "$R/fast-s790")  # the runs of today's recipes
 echo "## pooled over seeds"
-"${capsnet[@]}" report --seeds "${default[@]}" "$R/default-s789" "$R/fast-s789" "$R/fast-s790"
+"${capsnet[@]}" report --seeds "${recipes[@]}"
 echo
 echo "## every run"
-"${capsnet[@]}" report "${default[@]}" "$R/default-s789" "$R/fast-s789" "$R/fast-s790" "$R/e1-bf16" "$R/e1-fp32"
+"${capsnet[@]}" report "${recipes[@]}" "$R/e1-bf16" "$R/e1-fp32"
 echo
 echo "## ablation"
 "${capsnet[@]}" report --ablation "$R"/ablation/abl-{r3-recon,r1-recon,r3-norecon,r1-norecon,shared,leaky}
