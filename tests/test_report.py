@@ -56,11 +56,12 @@ def test_report_without_runs_is_one_line(tmp_path, capsys):
     assert "no finished runs" in capsys.readouterr().err
 
 
-def _fake_run(folder: Path, seed: int, test_acc: float, final_acc: float | None, shared: bool = False):
+def _fake_run(folder: Path, seed: int, test_acc: float, final_acc: float | None, shared: bool = False,
+              **train):
     """The three small files of a finished 2-epoch run, as docs/results keeps them."""
     folder.mkdir(parents=True)
     config = {"device_name": "cpu", "precision": "bf16", "argv": ["train", "-s", str(seed)],
-              "train": {"recipe": "default", "seed": seed, "epochs": 2, "batch_size": 64},
+              "train": {"recipe": "default", "seed": seed, "epochs": 2, "batch_size": 64, **train},
               "model": {"routing_iters": 3, "reconstruct": True, "shared_weights": shared, "leaky_relu": False}}
     (folder / "config.json").write_text(json.dumps(config))
     records = [{"epoch": e, "train_loss": 0.1, "val_acc": 0.99, "img_s": 100.0, "seconds": 1.0} for e in (1, 2)]
@@ -84,6 +85,15 @@ def test_seeds_are_pooled_per_recipe_and_architecture(tmp_path, capsys):
     assert out[2] == ("| default | paper | 2 | 64, bf16 | cpu | 1, 2, 3 | 99.60 +- 0.03% (n=3) | "
                       "99.66 +- 0.03% (n=2) |")
     assert out[3] == "| default | shared matrices | 2 | 64, bf16 | cpu | 1 | 98.90% (n=1) | 99.00% (n=1) |"
+
+
+def test_runs_whose_flags_changed_the_recipe_are_pooled_apart(tmp_path, capsys):
+    _fake_run(tmp_path / "a", 1, 0.9960, 0.9964, lr=1e-3, max_rotation=0.0)  # the recipe's own values
+    _fake_run(tmp_path / "b", 1, 0.9970, 0.9970, lr=1e-3, max_rotation=10.0, max_scale=0.1)
+    _fake_run(tmp_path / "c", 2, 0.9950, 0.9950, lr=2e-3, ema_decay=0.0, test_every_epoch=True)
+    assert main(["report", "--seeds", *(str(tmp_path / n) for n in "abc")]) == 0
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["| default", "| default + max_rotation 10, max_scale 0.1", "| default + lr 0.002, ema_decay 0"]
 
 
 def test_a_run_that_logged_test_accuracy_reports_its_final_model(tmp_path):

@@ -10,6 +10,9 @@
 #       bash tools/device_runs.sh
 #       JOBS=$'leaky-s789 --leaky-relu -s 789\nleaky-s790 --leaky-relu -s 790' bash tools/device_runs.sh
 #   JOBS=none BENCH=$'-b 64\n-b 64 --compile-mode graphs' bash tools/device_runs.sh   # the bench alone
+#   Pace of 50-epoch default-recipe runs side by side (bf16, batch 64; 2026-11-26): on an H200, three
+#   at ~10,000 img/s each, 5.1 min; on an H100, one alone ~9,000 img/s, two ~8,000 each (6.3 min),
+#   three ~7,200 each (about 7 min: give DEADLINE 460 or more), four ~6,000 each (too slow for one call).
 #   dry run here:  OUT=/tmp/out DEVICE=cpu EXTRA="-e 1 --limit 640 --val 128" bash tools/device_runs.sh
 set -u
 T0=$SECONDS
@@ -88,7 +91,7 @@ if [ -n "$first" ] && [ -f "$RUNS/$first/model.pt" ]; then
   split -b 15M -d "$RUNS/$first/model.pt" "$OUT/model-$first.pt.part"
   sha256sum "$RUNS/$first/model.pt"
 fi
-tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.pt' --exclude=vis .
+tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.pt' --exclude=vis --exclude=./data .  # (data: 64 MB, over the limit)
 
 # BENCH: one `capsnet bench` per line (its flags), run after the training if time is left;
 # BENCH=none skips it. Each line gets its own process and at most BENCH_LIMIT seconds.

@@ -8,7 +8,8 @@ capsnet=(python3 -m capsnet)
 [ -x .venv/bin/capsnet ] && capsnet=(.venv/bin/capsnet)
 R=docs/results
 default=("$R"/default-h200-s*)
-recipes=("${default[@]}" "$R/default-s789" "$R/fast-s789" "$R/fast-s790")  # the runs of today's recipes
+# the runs of today's recipes, and of a variant tried on all three seeds of a recipe
+recipes=("${default[@]}" "$R/default-s789" "$R"/default-aff-h100-s* "$R/fast-s789" "$R/fast-s790")
 echo "## pooled over seeds"
 "${capsnet[@]}" report --seeds "${recipes[@]}"
 echo

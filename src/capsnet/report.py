@@ -6,9 +6,15 @@ docs/results/) holds config.json, metrics.jsonl and summary.json; nothing else i
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
-from .config import LEGACY_TRAIN_SETTINGS
+from .config import LEGACY_TRAIN_SETTINGS, RECIPES, TrainConfig
+
+# Settings left out of a run's recipe label: they don't change what is trained, or the tables give
+# them their own column (epochs, batch, precision).
+_NOT_RECIPE = {"recipe", "seed", "epochs", "batch_size", "precision", "test_every_epoch", "eval_batch_size",
+               "compile", "compile_mode"}
 from .errors import CapsNetError
 
 
@@ -40,7 +46,7 @@ def read_run(folder: Path) -> dict:
         "selected_epoch": summary.get("selected_epoch"),
         "final_test_acc": final_acc,
         "final_test_errors": final_errors,
-        "recipe": train.get("recipe", LEGACY_TRAIN_SETTINGS["recipe"]),
+        "recipe": recipe_label(train),
         "seed": train.get("seed"),
         "seconds": sum(r["seconds"] for r in records),
         "img_s": sum(r["img_s"] for r in records) / len(records) if records else 0.0,
@@ -57,6 +63,18 @@ def read_run(folder: Path) -> dict:
         "leaky_relu": model.get("leaky_relu"),
         "records": records,
     }
+
+
+def recipe_label(train: dict) -> str:
+    """The run's named recipe and every setting its flags changed: 'default + max_rotation 10,
+    max_scale 0.1'. Settings a config.json lacks (runs older than the setting) are not compared."""
+    name = train.get("recipe", LEGACY_TRAIN_SETTINGS["recipe"])
+    if name not in RECIPES:
+        return name
+    recipe = {f.name: f.default for f in fields(TrainConfig)} | RECIPES[name]
+    changed = [f"{key} {train[key]:g}" if isinstance(train[key], float) else f"{key} {train[key]}"
+               for key in recipe if key not in _NOT_RECIPE and key in train and train[key] != recipe[key]]
+    return name + (" + " + ", ".join(changed) if changed else "")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
