@@ -8,8 +8,9 @@ capsnet=(python3 -m capsnet)
 [ -x .venv/bin/capsnet ] && capsnet=(.venv/bin/capsnet)
 R=docs/results
 default=("$R"/default-h200-s*)
-# the runs of today's recipes, and of a variant tried on all three seeds of a recipe
-recipes=("${default[@]}" "$R/default-s789" "$R"/default-aff-h100-s* "$R/fast-s789" "$R/fast-s790")
+# the runs of today's recipes, and of variants tried on several seeds (fast-s789/s790: the fast
+# recipe before its learning rate was doubled)
+recipes=("${default[@]}" "$R/default-s789" "$R"/default-aff-h100-s* "$R"/fast-lr2-s* "$R/fast-s789" "$R/fast-s790")
 echo "## pooled over seeds"
 "${capsnet[@]}" report --seeds "${recipes[@]}"
 echo
@@ -20,6 +21,6 @@ echo "## ablation"
 "${capsnet[@]}" report --ablation "$R"/ablation/abl-{r3-recon,r1-recon,r3-norecon,r1-norecon,shared,leaky}
 [ "${1:-}" = --tables-only ] && exit 0
 "${capsnet[@]}" report --curves docs/pictures/curves.png "$R"/default-h200-s79{2,3,4} > /dev/null
-"${capsnet[@]}" report --curves docs/pictures/curves_fast.png "$R/fast-s789" > /dev/null
+"${capsnet[@]}" report --curves docs/pictures/curves_fast.png "$R"/fast-lr2-s789 > /dev/null
 echo
 echo "(curves redrawn: docs/pictures/curves.png, docs/pictures/curves_fast.png)"

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-e", "--epoch", type=_non_negative, default=None, help="epochs (default: the recipe's, 50)")
     t.add_argument("-b", "--batchsize", type=_positive, default=None, help="batch size (default 64)")
     t.add_argument("-d", "--decay", type=float, default=None, help="learning-rate decay per epoch with --schedule exp (0.95)")
-    t.add_argument("--lr", type=float, default=None, help="initial learning rate (default 1e-3)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's, 1e-3; fast: 2e-3)")
     t.add_argument("--shift", type=_non_negative, default=None,
                    help="largest random shift of a training image, in pixels (default 2, the paper's; 0 = none)")
     t.add_argument("--rotate", type=_degrees, default=None, metavar="DEG",
