@@ -10,12 +10,12 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import LEGACY_TRAIN_SETTINGS, RECIPES, TrainConfig
+from .errors import CapsNetError
 
 # Settings left out of a run's recipe label: they don't change what is trained, or the tables give
 # them their own column (epochs, batch, precision).
 _NOT_RECIPE = {"recipe", "seed", "epochs", "batch_size", "precision", "test_every_epoch", "eval_batch_size",
                "compile", "compile_mode"}
-from .errors import CapsNetError
 
 
 def read_run(folder: Path) -> dict:
