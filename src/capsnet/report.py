@@ -6,10 +6,9 @@ docs/results/) holds config.json, metrics.jsonl and summary.json; nothing else i
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 
-from .config import LEGACY_TRAIN_SETTINGS, RECIPES, TrainConfig
+from .config import LEGACY_TRAIN_SETTINGS, RECIPES, recipe_config, to_dict
 from .errors import CapsNetError
 
 # Settings left out of a run's recipe label: they don't change what is trained, or the tables give
@@ -71,7 +70,7 @@ def recipe_label(train: dict) -> str:
     name = train.get("recipe", LEGACY_TRAIN_SETTINGS["recipe"])
     if name not in RECIPES:
         return name
-    recipe = {f.name: f.default for f in fields(TrainConfig)} | RECIPES[name]
+    recipe = to_dict(recipe_config(name))
     changed = [f"{key} {train[key]:g}" if isinstance(train[key], float) else f"{key} {train[key]}"
                for key in recipe if key not in _NOT_RECIPE and key in train and train[key] != recipe[key]]
     return name + (" + " + ", ".join(changed) if changed else "")
