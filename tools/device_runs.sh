@@ -9,6 +9,10 @@
 #   run (device tool), carry [".data"] (MNIST's four .gz files under .data/mnist):
 #       bash tools/device_runs.sh
 #       JOBS=$'leaky-s789 --leaky-relu -s 789\nleaky-s790 --leaky-relu -s 790' bash tools/device_runs.sh
+#   PARALLEL=P: a queue, at most P runs at once, the next started when one ends (while MIN_LEFT
+#   seconds, default 120, remain before DEADLINE); EVALUATE=0 skips the re-evaluation from the saved
+#   models, VIS=0 the pictures and the model copy (screening many short runs on validation):
+#       PARALLEL=6 EVALUATE=0 VIS=0 BENCH=none JOBS=$'f-s1 --recipe fast -s 1\n...' bash tools/device_runs.sh
 #   JOBS=none BENCH=$'-b 64\n-b 64 --compile-mode graphs' bash tools/device_runs.sh   # the bench alone
 #   Pace of 50-epoch default-recipe runs side by side (bf16, batch 64; 2026-11-26): on an H200, three
 #   at ~10,000 img/s each, 5.1 min; on an H100, one alone ~9,000 img/s, two ~8,000 each (6.3 min),
@@ -26,7 +30,7 @@ if [ -z "${JOBS:-}" ]; then
 elif [ "$JOBS" = none ]; then
   JOBS=""  # the bench alone
 fi
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 CAPSNET_DATA=$RUNS/data
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} CAPSNET_DATA=$RUNS/data
 mkdir -p "$OUT" "$RUNS/data" && cp -r .data/mnist "$RUNS/data/"  # (the cache unpacks there, not in .data)
 exec > >(tee "$OUT/device.log") 2>&1
 elapsed() { echo $((SECONDS - T0)); }
@@ -37,46 +41,61 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 python3 -m capsnet --help >/dev/null || { echo "capsnet does not import"; exit 1; }
 
 declare -A PID FLAGS
-NAMES=()
+NAMES=()   # every job, in order
+PENDING=() # jobs not started yet (PARALLEL: at most that many run at once)
 while read -r name flags; do
   [ -z "$name" ] && continue
-  NAMES+=("$name"); FLAGS[$name]="$flags $EXTRA"
-  # shellcheck disable=SC2086
-  python3 -m capsnet train --device "$DEVICE" --save "$RUNS/$name" --force ${FLAGS[$name]} > "$RUNS/train-$name.log" 2>&1 &
-  PID[$name]=$!
-  echo "started $name: capsnet train ${FLAGS[$name]}"
+  NAMES+=("$name"); PENDING+=("$name"); FLAGS[$name]="$flags $EXTRA"
 done <<< "$JOBS"
+PARALLEL=${PARALLEL:-${#NAMES[@]}}
+MIN_LEFT=${MIN_LEFT:-120}  # queue: a job is started only while this many seconds are left before DEADLINE
+start_job() {
+  # shellcheck disable=SC2086
+  python3 -m capsnet train --device "$DEVICE" --save "$RUNS/$1" --force ${FLAGS[$1]} > "$RUNS/train-$1.log" 2>&1 &
+  PID[$1]=$!
+  echo "[$(elapsed) s] started $1: capsnet train ${FLAGS[$1]}"
+}
+running() { local k=0 n; for n in "${!PID[@]}"; do kill -0 "${PID[$n]}" 2>/dev/null && k=$((k + 1)); done; echo $k; }
+start_pending() {
+  while (( ${#PENDING[@]} > 0 && $(running) < PARALLEL )); do
+    if (( $(elapsed) > DEADLINE - MIN_LEFT )); then echo "[$(elapsed) s] too late to start: ${PENDING[*]}"; PENDING=(); break; fi
+    start_job "${PENDING[0]}"; PENDING=("${PENDING[@]:1}")
+  done
+}
+start_pending
 
 epochs_done() { [ -f "$RUNS/$1/metrics.jsonl" ] && wc -l < "$RUNS/$1/metrics.jsonl" || echo 0; }
 total_epochs() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['train']['epochs'])" "$RUNS/$1/config.json" 2>/dev/null || echo 0; }
 last_report=0; last_kill=-1000
 while :; do
   alive=()
-  for n in "${NAMES[@]}"; do kill -0 "${PID[$n]}" 2>/dev/null && alive+=("$n"); done
-  [ ${#alive[@]} -eq 0 ] && break
+  start_pending
+  for n in "${NAMES[@]}"; do [ -n "${PID[$n]:-}" ] && kill -0 "${PID[$n]}" 2>/dev/null && alive+=("$n"); done
+  [ ${#alive[@]} -eq 0 ] && [ ${#PENDING[@]} -eq 0 ] && break
   now=$(elapsed)
-  if (( now > DEADLINE )); then echo "[$now s] deadline: stopping ${alive[*]}"; for n in "${alive[@]}"; do kill "${PID[$n]}"; done; break; fi
+  if (( now > DEADLINE )); then echo "[$now s] deadline: stopping ${alive[*]}"; for n in "${alive[@]}"; do kill "${PID[$n]}"; done; PENDING=(); break; fi
   if (( now - last_report >= 30 )); then
     last_report=$now
     line="[$now s]"; for n in "${NAMES[@]}"; do line="$line $n: $(epochs_done "$n")/$(total_epochs "$n")"; done; echo "$line"
     # If the first run still going will miss the deadline at its last epoch's pace (the 'elapsed'
     # difference of its last two records), stop the last run still going (the others speed up).
+    [ ${#alive[@]} -eq 0 ] && { sleep 2; continue; }
     lead=${alive[0]}
     left=$(python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-2:]; print(round((int(sys.argv[2])-r[1]['epoch'])*(r[1]['elapsed']-r[0]['elapsed'])) if len(r)==2 else -1)" "$RUNS/$lead/metrics.jsonl" "$(total_epochs "$lead")" 2>/dev/null || echo -1)
-    if (( ${#alive[@]} > 1 && left >= 0 && now - last_kill > 60 && now + left > DEADLINE )); then
+    if (( ${#PENDING[@]} == 0 && ${#alive[@]} > 1 && left >= 0 && now - last_kill > 60 && now + left > DEADLINE )); then
       victim=${alive[-1]}; last_kill=$now
       echo "[$now s] $lead projected to end at $((now + left))s > ${DEADLINE}s: stopping $victim"; kill "${PID[$victim]}"
     fi
   fi
   sleep 2
 done
-wait "${PID[@]}" 2>/dev/null  # (a bare wait would also wait for the tee above)
+[ ${#PID[@]} -gt 0 ] && wait "${PID[@]}" 2>/dev/null  # (a bare wait would also wait for the tee above)
 echo "[$(elapsed) s] training over"
 
 EVAL=()
 for n in "${NAMES[@]}"; do
-  tail -n 4 "$RUNS/train-$n.log" | sed "s/^/$n| /"
-  if [ -f "$RUNS/$n/summary.json" ]; then
+  [ -f "$RUNS/train-$n.log" ] && tail -n 4 "$RUNS/train-$n.log" | sed "s/^/$n| /"
+  if [ "${EVALUATE:-1}" = 1 ] && [ -f "$RUNS/$n/summary.json" ]; then
     ( for m in model.pt final.pt; do [ -f "$RUNS/$n/$m" ] && echo "$m: $(python3 -m capsnet evaluate --device "$DEVICE" --load "$RUNS/$n/$m" 2>&1 | tail -n 1)"; done ) > "$RUNS/evaluate-$n.log" &
     EVAL+=($!)
   fi
@@ -85,7 +104,7 @@ done
 for n in "${NAMES[@]}"; do [ -f "$RUNS/evaluate-$n.log" ] && sed "s/^/$n evaluate| /" "$RUNS/evaluate-$n.log"; done
 
 first=${NAMES[0]:-}
-if [ -n "$first" ] && [ -f "$RUNS/$first/model.pt" ]; then
+if [ "${VIS:-1}" = 1 ] && [ -n "$first" ] && [ -f "$RUNS/$first/model.pt" ]; then
   python3 -m capsnet visualize --device "$DEVICE" --load "$RUNS/$first" --out "$RUNS/vis" > "$RUNS/visualize.log" 2>&1 || tail -n 3 "$RUNS/visualize.log"
   tar czf "$OUT/vis.tgz" -C "$RUNS" vis visualize.log 2>/dev/null
   split -b 15M -d "$RUNS/$first/model.pt" "$OUT/model-$first.pt.part"

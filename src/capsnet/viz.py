@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import TrainConfig
 from .errors import CapsNetError
 from .files import atomic_write
 
@@ -118,7 +119,7 @@ ERROR_COLUMNS, MAX_ERRORS = 20, 100
 
 @torch.no_grad()
 def misclassified(model, images_u8: torch.Tensor, labels: torch.Tensor, precision: str,
-                  batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+                  batch: int = TrainConfig.eval_batch_size) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, predicted classes) of the images the model gets wrong, as `capsnet evaluate` counts them."""
     from .train import predict
 
