@@ -4,7 +4,8 @@
 # Everything small comes back through $OUT: runs.tgz (every run's config/metrics/summary and
 # logs), vis.tgz, the first run's model.pt in 15 MB parts, device.log, bench-cuda.jsonl (bench-cpu.jsonl in a dry run).
 #
-#   JOBS: one run per line, "NAME FLAGS..." (the flags of `capsnet train`). Default: the default
+#   JOBS: one run per line, "NAME FLAGS..." (the flags of `capsnet train`; lines starting with # are
+#   skipped, so a file of tools/jobs/ can be passed whole: JOBS="$(cat tools/jobs/F)"). Default: the default
 #   recipe, seeds 789 790 791 (SEEDS), each with EXTRA flags.
 #   run (device tool), carry [".data"] (MNIST's four .gz files under .data/mnist):
 #       bash tools/device_runs.sh
@@ -44,7 +45,7 @@ declare -A PID FLAGS
 NAMES=()   # every job, in order
 PENDING=() # jobs not started yet (PARALLEL: at most that many run at once)
 while read -r name flags; do
-  [ -z "$name" ] && continue
+  [[ -z "$name" || "$name" == \#* ]] && continue  # (blank lines and comments)
   NAMES+=("$name"); PENDING+=("$name"); FLAGS[$name]="$flags $EXTRA"
 done <<< "$JOBS"
 PARALLEL=${PARALLEL:-${#NAMES[@]}}
