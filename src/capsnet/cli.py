@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import COMPILE_MODES, RECIPES, SCHEDULES
+from .config import COMPILE_MODES, RECIPES, SCHEDULES, TrainConfig
 from .errors import CapsNetError
 
 # Model flags: None means "not given", so --resume can tell a conflicting flag from a default.
@@ -66,10 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", choices=list(RECIPES), default=None,
                    help="named settings to start from: default (50 epochs), fast (9 epochs: 40 minutes on a "
                         "2-core CPU), chainer (the Chainer port's); the flags below change them further")
-    t.add_argument("-e", "--epoch", type=_non_negative, default=None, help="epochs (default: the recipe's, 50)")
+    t.add_argument("-e", "--epoch", type=_non_negative, default=None, help=f"epochs (default: the recipe's, {TrainConfig.epochs}; fast: {RECIPES['fast']['epochs']})")
     t.add_argument("-b", "--batchsize", type=_positive, default=None, help="batch size (default 64)")
     t.add_argument("-d", "--decay", type=float, default=None, help="learning-rate decay per epoch with --schedule exp (0.95)")
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's, 1e-3; fast: 2e-3)")
+    t.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: the recipe's, {TrainConfig.lr:g}; fast: {RECIPES['fast']['lr']:g})")
     t.add_argument("--shift", type=_non_negative, default=None,
                    help="largest random shift of a training image, in pixels (default 2, the paper's; 0 = none)")
     t.add_argument("--rotate", type=_degrees, default=None, metavar="DEG",
