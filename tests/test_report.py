@@ -103,3 +103,15 @@ def test_a_run_that_logged_test_accuracy_reports_its_final_model(tmp_path):
     (tmp_path / "a" / "metrics.jsonl").write_text(lines[0] + "\n" + json.dumps(last) + "\n")
     row = read_run(tmp_path / "a")
     assert (row["final_test_acc"], row["final_test_errors"]) == (0.9967, 33)
+
+
+def test_a_run_without_validation_split_reports_no_validation_choice(tmp_path, capsys):
+    _fake_run(tmp_path / "a", 1, 0.9960, 0.9960, val_size=0)
+    _fake_run(tmp_path / "b", 2, 0.9970, 0.9970, val_size=0)
+    assert read_run(tmp_path / "a")["validated"] is False
+    assert main(["report", "--seeds", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row == ("| default + val_size 0 (all training images, no validation) | paper | 2 | 64, bf16 | cpu | 1, 2 "
+                   "| - | 99.65 +- 0.07% (n=2) |")
+    assert main(["report", str(tmp_path / "a")]) == 0
+    assert "| a | - (no validation split) | 99.60% (40) |" in capsys.readouterr().out

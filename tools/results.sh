@@ -10,7 +10,8 @@ R=docs/results
 default=("$R"/default-h200-s*)
 # the runs of today's recipes, and of variants tried on several seeds (fast-s789/s790: the fast
 # recipe before its learning rate was doubled)
-recipes=("${default[@]}" "$R/default-s789" "$R"/default-aff-h100-s* "$R"/fast-lr2-s* "$R/fast-s789" "$R/fast-s790")
+recipes=("${default[@]}" "$R/default-s789" "$R"/default-val0-h200-s* "$R"/default-aff-h100-s* "$R/default-leaky-h200-s792"
+         "$R"/fast-lr2-s* "$R/fast-s789" "$R/fast-s790")
 echo "## pooled over seeds"
 "${capsnet[@]}" report --seeds "${recipes[@]}"
 echo

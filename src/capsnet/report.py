@@ -37,8 +37,11 @@ def read_run(folder: Path) -> dict:
         # record is the final model tested on the full test set, the same figure final.pt gives.
         final_acc = records[-1]["test_acc"]
         final_errors = round((1 - final_acc) * summary["test_images"])
+    # Without a validation split (--val 0) nothing was chosen: model.pt is the final model.
+    validated = config.get("val_images", train.get("val_size", 1)) != 0
     return {
         "name": folder.name,
+        "validated": validated,
         "test_acc": summary["test_acc"],
         "test_errors": summary["test_errors"],
         "epochs": len(records),
@@ -73,6 +76,7 @@ def recipe_label(train: dict) -> str:
     recipe = to_dict(recipe_config(name))
     changed = [f"{key} {train[key]:g}" if isinstance(train[key], float) else f"{key} {train[key]}"
                for key in recipe if key not in _NOT_RECIPE and key in train and train[key] != recipe[key]]
+    changed = ["val_size 0 (all training images, no validation)" if c == "val_size 0" else c for c in changed]
     return name + (" + " + ", ".join(changed) if changed else "")
 
 
@@ -94,7 +98,8 @@ def results_table(folders: list[Path]) -> str:
     rows = []
     for r in (read_run(f) for f in folders):
         wall = f"{r['wall_seconds'] / 60:.1f} min" if r["wall_seconds"] is not None else "-"
-        rows.append([r["name"], _accuracy(r["test_acc"], r["test_errors"]),
+        chosen = _accuracy(r["test_acc"], r["test_errors"]) if r["validated"] else "- (no validation split)"
+        rows.append([r["name"], chosen,
                      _accuracy(r["final_test_acc"], r["final_test_errors"]), f"{r['epochs']} ({r['selected_epoch']})",
                      f"{r['seconds'] / 60:.1f} min", wall, f"{r['img_s']:.0f}", f"{r['precision']}, {r['batch']}",
                      r["device"], f"`{r['command']}`", r["commit"]])
@@ -124,7 +129,8 @@ def _architecture(r: dict) -> str:
 
 def seeds_table(folders: list[Path]) -> str:
     """Runs that differ only in their seed, pooled: one row per (recipe, epochs, batch, precision,
-    machine), with the mean and standard deviation of both test figures over the seeds."""
+    machine), with the mean and standard deviation of both test figures over the seeds (the
+    validation-chosen one over the runs that had a validation split)."""
     groups: dict[tuple, list[dict]] = {}
     for r in (read_run(f) for f in folders):
         key = (r["recipe"], _architecture(r), r["epochs"], r["batch"], r["precision"], r["device"])
@@ -133,7 +139,8 @@ def seeds_table(folders: list[Path]) -> str:
     for (recipe, architecture, epochs, batch, precision, device), runs in groups.items():
         finals = [r["final_test_acc"] for r in runs if r["final_test_acc"] is not None]
         rows.append([recipe, architecture, epochs, f"{batch}, {precision}", device,
-                     ", ".join(str(r["seed"]) for r in runs), _mean_std([r["test_acc"] for r in runs]),
+                     ", ".join(str(r["seed"]) for r in runs),
+                     _mean_std([r["test_acc"] for r in runs if r["validated"]]),
                      _mean_std(finals)])
     return markdown_table(["recipe", "architecture", "epochs", "batch, precision", "machine", "seeds",
                            "test, validation-chosen model", "test, final model"], rows)
@@ -177,8 +184,9 @@ def training_curves(folders: list[Path], out: Path) -> Path:
             ax_acc.plot(*zip(*val), color=color, marker=".", label=f"{r['name']} validation")
         if test:
             ax_acc.plot(*zip(*test), color=color, marker=".", linestyle="--", label=f"{r['name']} test (not used)")
+        chosen = "chosen on validation" if r["validated"] else "final model (no validation split)"
         ax_acc.plot([r["selected_epoch"]], [r["test_acc"] * 100], color=color, marker="*", markersize=11,
-                    linestyle="none", label=f"{r['name']} test, chosen on validation: {r['test_acc'] * 100:.2f}%")
+                    linestyle="none", label=f"{r['name']} test, {chosen}: {r['test_acc'] * 100:.2f}%")
         if r["final_test_acc"] is not None and r["selected_epoch"] != r["epochs"]:
             ax_acc.plot([r["epochs"]], [r["final_test_acc"] * 100], color=color, marker="D", markersize=6,
                         linestyle="none", label=f"{r['name']} test, final model: {r['final_test_acc'] * 100:.2f}%")
