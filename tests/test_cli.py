@@ -206,3 +206,20 @@ def test_a_reader_that_goes_away_ends_the_output_quietly():
     finally:
         os.close(write_end)
     assert proc.returncode == 141 and proc.stderr == ""
+
+
+def test_the_prepared_device_jobs_are_valid_train_commands():
+    """Each line of tools/jobs/* ("NAME FLAGS...") is one `capsnet train`: a typo there would cost
+    device time, so every line must parse, and names must not repeat within a file."""
+    from capsnet.cli import build_parser
+
+    files = sorted((Path(__file__).resolve().parents[1] / "tools" / "jobs").iterdir())
+    assert files
+    for path in files:
+        lines = [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        assert lines, path
+        names = [line[0] for line in lines]
+        assert len(set(names)) == len(names), f"{path.name}: repeated run names"
+        for name, *flags in lines:
+            args = build_parser().parse_args(["train", *flags])  # exits (fails the test) on a bad flag
+            assert args.seed is not None, f"{path.name}: {name} names no seed"
