@@ -5,6 +5,7 @@ import torch
 
 from capsnet.checkpoint import load_checkpoint, load_model
 from capsnet.config import TrainConfig
+from capsnet.model import CapsNet
 from capsnet.train import evaluate, fit, prepare_run_dir, resume_state, step
 
 from conftest import small_model_config, synthetic
@@ -30,8 +31,9 @@ def _stop_after(epochs):
     return hook
 
 
-@pytest.mark.parametrize("settings", [{"schedule": "exp", "ema_decay": 0.0}, {"schedule": "cosine", "ema_decay": 0.9}],
-                         ids=["exp", "cosine-ema"])
+@pytest.mark.parametrize("settings", [{"schedule": "exp", "ema_decay": 0.0}, {"schedule": "cosine", "ema_decay": 0.9},
+                                      {"freeze_conv1_after": 1}],
+                         ids=["exp", "cosine-ema", "conv1-frozen"])
 def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, tiny_data, settings):
     straight, _ = _fit(tmp_path, tiny_data, 3, name="straight", **settings)
     split = tmp_path / "split"
@@ -60,6 +62,34 @@ def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, tiny_data, sett
     if settings.get("ema_decay"):
         for key in a["average"]["model"]:
             assert torch.equal(a["average"]["model"][key], b["average"]["model"][key]), key
+
+
+def test_conv1_stops_training_after_the_given_epoch_and_the_rest_goes_on(tmp_path, tiny_data):
+    seen = []
+
+    def keep(epoch, model):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    run = tmp_path / "run"
+    prepare_run_dir(run, force=False)
+    cfg = TrainConfig(epochs=3, batch_size=32, val_size=16, precision="fp32", seed=3, freeze_conv1_after=1)
+    fit(small_model_config(tiny_data), cfg, tiny_data, run, torch.device("cpu"), verbose=False, on_epoch_end=keep)
+    torch.manual_seed(cfg.seed)
+    initial = CapsNet(small_model_config(tiny_data)).state_dict()
+    assert not torch.equal(seen[0]["conv1.weight"], initial["conv1.weight"])  # trained in epoch 1 ...
+    assert torch.equal(seen[1]["conv1.weight"], seen[0]["conv1.weight"])  # ... then frozen
+    assert torch.equal(seen[2]["conv1.bias"], seen[0]["conv1.bias"])
+    assert not torch.equal(seen[2]["primary.conv.weight"], seen[1]["primary.conv.weight"])  # the rest trains on
+
+
+def test_a_frozen_conv1_spares_the_primary_convolutions_input_gradient(tiny_data):
+    torch.manual_seed(0)
+    model = CapsNet(small_model_config(tiny_data))
+    model.conv1.requires_grad_(False)
+    inputs = []
+    model.primary.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
+    model(tiny_data.train_images[:4].float() / 255, tiny_data.train_labels[:4], reconstruct=True)
+    assert not inputs[0].requires_grad
 
 
 def test_run_directory_contents(tmp_path, tiny_data):

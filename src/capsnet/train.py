@@ -78,6 +78,13 @@ def compile_model(model: CapsNet, mode: str = "layer") -> None:
     model.compile(mode="reduce-overhead" if mode == "graphs" else None)
 
 
+def conv1_trains(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether conv1's weights train in this (0-based) epoch. Frozen, conv1 needs no gradient, and
+    so neither does the PrimaryCaps convolution's input: a step skips that whole GEMM (FreezeOut,
+    Brock et al. 2017, freezes early layers for the same saving)."""
+    return cfg.freeze_conv1_after == 0 or epoch < cfg.freeze_conv1_after
+
+
 def make_optimizer(model: CapsNet, cfg: TrainConfig, device: torch.device, *, fused: bool = True):
     """Adam; the fused implementation (one kernel for all parameters) on CPU and CUDA."""
     fused = fused and device.type in ("cpu", "cuda")
@@ -319,6 +326,9 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
     on_epoch_end(epoch, model): a hook called on every rank after each epoch's update.
     Returns the summary written to summary.json (empty on other ranks).
     """
+    if dist.world > 1 and cfg.freeze_conv1_after:
+        raise CapsNetError("--freeze-conv1-after works in one process only (DistributedDataParallel needs every "
+                           "parameter's gradient)")
     precision = resolve_precision(cfg.precision, device)
     configure(device, precision)
     train_x, train_y, val_x, val_y = split_validation(data.subset(cfg.limit), cfg.val_size)
@@ -373,6 +383,10 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
     last_val = json.loads(kept[-1]).get("val_acc") if main and kept else None
     for epoch in range(start_epoch, cfg.epochs):
         lr = learning_rate(cfg, epoch)
+        if conv1_trains(cfg, epoch) != model.conv1.weight.requires_grad:
+            model.conv1.requires_grad_(conv1_trains(cfg, epoch))
+            if verbose and not conv1_trains(cfg, epoch):
+                log(f"conv1 frozen from epoch {epoch + 1} on (--freeze-conv1-after {cfg.freeze_conv1_after})")
         progress = epoch_log.start(epoch, cfg.epochs, train_x.shape[0])
         result = train_one_epoch(trainee, optimizer, train_x, train_y, cfg, epoch, precision, progress, dist=dist,
                                  average=average)
