@@ -11,7 +11,7 @@ from capsnet.errors import CapsNetError
 from capsnet.layers import DigitCaps
 from capsnet.model import CapsNet
 from capsnet.routing import dynamic_routing, dynamic_routing_fusable
-from capsnet.train import compile_model
+from capsnet.train import compile_model, step
 
 from conftest import small_model_config
 
@@ -45,6 +45,22 @@ def test_bench_reports_the_promised_fields():
     assert result["train_img_s"] > 0 and result["eval_img_s"] > result["train_img_s"] / 10
     assert result["precision"] == "fp32" and result["batch"] == 4
     assert "train img/s" in format_table([result])
+
+
+def test_bench_times_steps_with_conv1_frozen(monkeypatch):
+    seen = []
+    real_step = step
+
+    def spy(model, *args, **kwargs):
+        out = real_step(model, *args, **kwargs)
+        seen.append(model.conv1.weight.grad is None and model.primary.conv.weight.grad is not None)
+        return out
+
+    monkeypatch.setattr("capsnet.bench.step", spy)
+    result = run_bench(torch.device("cpu"), precision="fp32", batch=2, steps=1, warmup=1, compile=False,
+                       frozen_conv1=True)
+    assert seen and all(seen)  # conv1 got no gradient, the layer above it did
+    assert result["conv1"] == "frozen" and "conv1 frozen" in format_table([result])
 
 
 def test_bench_command_prints_one_json_line(capsys):

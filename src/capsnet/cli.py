@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--baseline", action="store_true", help="the plain formulation (library conv gradients, eager)")
     b.add_argument("--compare", action="store_true",
                    help="baseline and capsnet at fp32 and the default precision, each in its own process")
+    b.add_argument("--frozen-conv1", action="store_true",
+                   help="time training steps with conv1 frozen (as after train --freeze-conv1-after)")
     b.add_argument("--json", action="store_true", help="one JSON line")
     _device_args(b)
 
@@ -261,7 +263,7 @@ def cmd_bench(args) -> int:
         return 0
     result = run_bench(device, precision=args.precision or "auto", batch=args.batchsize, steps=args.steps,
                        warmup=args.warmup, compile=args.compile, compile_mode=args.compile_mode,
-                       baseline=args.baseline)
+                       baseline=args.baseline, frozen_conv1=args.frozen_conv1)
     print(json.dumps(result) if args.json else format_table([result]))
     return 0
 
