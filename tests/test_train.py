@@ -82,16 +82,6 @@ def test_conv1_stops_training_after_the_given_epoch_and_the_rest_goes_on(tmp_pat
     assert not torch.equal(seen[2]["primary.conv.weight"], seen[1]["primary.conv.weight"])  # the rest trains on
 
 
-def test_a_frozen_conv1_spares_the_primary_convolutions_input_gradient(tiny_data):
-    torch.manual_seed(0)
-    model = CapsNet(small_model_config(tiny_data))
-    model.conv1.requires_grad_(False)
-    inputs = []
-    model.primary.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
-    model(tiny_data.train_images[:4].float() / 255, tiny_data.train_labels[:4], reconstruct=True)
-    assert not inputs[0].requires_grad
-
-
 def test_run_directory_contents(tmp_path, tiny_data):
     run, summary = _fit(tmp_path, tiny_data, 2, schedule="exp")
     config = json.loads((run / "config.json").read_text())

@@ -383,9 +383,10 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
     last_val = json.loads(kept[-1]).get("val_acc") if main and kept else None
     for epoch in range(start_epoch, cfg.epochs):
         lr = learning_rate(cfg, epoch)
-        if conv1_trains(cfg, epoch) != model.conv1.weight.requires_grad:
-            model.conv1.requires_grad_(conv1_trains(cfg, epoch))
-            if verbose and not conv1_trains(cfg, epoch):
+        trains = conv1_trains(cfg, epoch)
+        if trains != model.conv1.weight.requires_grad:
+            model.conv1.requires_grad_(trains)
+            if verbose and not trains:
                 log(f"conv1 frozen from epoch {epoch + 1} on (--freeze-conv1-after {cfg.freeze_conv1_after})")
         progress = epoch_log.start(epoch, cfg.epochs, train_x.shape[0])
         result = train_one_epoch(trainee, optimizer, train_x, train_y, cfg, epoch, precision, progress, dist=dist,
