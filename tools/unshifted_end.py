@@ -11,12 +11,12 @@ NEW's config.json says max_shift 0 for the whole run; its first K epochs were sh
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
 
 from capsnet.checkpoint import load_checkpoint
+from capsnet.errors import CapsNetError
 from capsnet.files import atomic_torch_save
 
 
@@ -28,13 +28,15 @@ def main(run: Path, k: int, new: Path) -> None:
     new.mkdir(parents=True, exist_ok=False)
     atomic_torch_save(ckpt, new / "last.pt")
     shutil.copy(run / f"snap-model-e{k}.pt", new / "model.pt")  # the model `best` in last.pt refers to
-    shutil.copy(run / "config.json", new / "config.json")
-    lines = [x for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip() and json.loads(x)["epoch"] <= k]
-    (new / "metrics.jsonl").write_text("".join(x + "\n" for x in lines))
+    for name in ("config.json", "metrics.jsonl"):  # --resume drops the epochs logged after K
+        shutil.copy(run / name, new / name)
     print(f"{new}: {run} after epoch {k}, max_shift 0 from epoch {k + 1} on")
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 4:
         raise SystemExit(__doc__.strip().splitlines()[2].strip())
-    main(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
+    try:
+        main(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
+    except (CapsNetError, OSError, ValueError) as exc:
+        raise SystemExit(f"unshifted_end: {exc}") from None
