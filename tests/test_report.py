@@ -115,3 +115,21 @@ def test_a_run_without_validation_split_reports_no_validation_choice(tmp_path, c
                    "| - | 99.65 +- 0.07% (n=2) |")
     assert main(["report", str(tmp_path / "a")]) == 0
     assert "| a | - (no validation split) | 99.60% (40) |" in capsys.readouterr().out
+
+
+def test_ablation_pools_the_seeds_of_each_switch_setting(tmp_path, capsys):
+    _fake_run(tmp_path / "abl-r3", 789, 0.9930, None)
+    _fake_run(tmp_path / "abl-shared", 789, 0.9890, None, shared=True)
+    _fake_run(tmp_path / "abl-r3-s790", 790, 0.9926, None)
+    _fake_run(tmp_path / "abl-shared-s790", 790, 0.9880, None, shared=True)
+    folders = [str(tmp_path / n) for n in ("abl-r3", "abl-shared", "abl-r3-s790", "abl-shared-s790")]
+    assert main(["report", "--ablation", "--seeds", *folders]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4  # header, separator, one row per switch setting
+    # sample std of (99.30, 99.26) = 0.028; errors listed per seed in the runs' order
+    assert out[2] == "| abl-r3 | 3 | yes | one per capsule | ReLU | 2 | 789, 790 | 99.00 +- 0.00% (n=2) | " \
+                     "99.28 +- 0.03% (n=2) | 70, 74 |"
+    assert out[3].startswith("| abl-shared | 3 | yes | shared per type | ReLU | 2 | 789, 790 | ")
+    assert out[3].endswith("| 98.85 +- 0.07% (n=2) | 110, 120 |")
+    assert main(["report", "--ablation", *folders]) == 0  # without --seeds: a row per run
+    assert len(capsys.readouterr().out.splitlines()) == 6

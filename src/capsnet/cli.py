@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="a markdown table of finished runs (as in the README)")
     r.add_argument("runs", nargs="*", type=Path, help="run directories (default: every run under --results)")
     r.add_argument("--results", type=Path, default=Path("docs/results"))
-    r.add_argument("--ablation", action="store_true", help="the architecture-switch table instead")
+    r.add_argument("--ablation", action="store_true",
+                   help="the architecture-switch table instead (with --seeds: one row per switch setting)")
     r.add_argument("--seeds", action="store_true",
                    help="pool runs that differ only in their seed: mean and standard deviation per recipe")
     r.add_argument("--curves", type=Path, default=None, metavar="PNG",
@@ -274,8 +275,10 @@ def cmd_report(args) -> int:
     folders = args.runs or finished_runs(args.results)
     if not folders:
         raise CapsNetError(f"{args.results}: no finished runs (folders with summary.json) here")
-    table = ablation_table if args.ablation else seeds_table if args.seeds else results_table
-    print(table(folders))
+    if args.ablation:
+        print(ablation_table(folders, pooled=args.seeds))
+    else:
+        print((seeds_table if args.seeds else results_table)(folders))
     if args.curves is not None:
         training_curves(folders, args.curves)
     return 0
