@@ -117,7 +117,12 @@ def test_resume_refuses_another_recipe(trained_run, capsys):
     (["train", "--scale", "1.5"], "scale: must be in [0, 1)"),
     (["train", "-b", "0"], "batchsize: must be positive"),
     (["train", "-b", "-5"], "batchsize: must be positive"),
-    (["train", "-e", "-1"], "epoch: must be 0 or more"),
+    (["train", "-e", "-1"], "epoch: must be positive"),
+    (["train", "-e", "0"], "epoch: must be positive"),
+    (["train", "--lr", "-1"], "lr: must be positive"),
+    (["train", "--lr", "0"], "lr: must be positive"),
+    (["train", "-d", "-1"], "decay: must be in (0, 1]"),
+    (["train", "-d", "1.5"], "decay: must be in (0, 1]"),
     (["train", "--device", "tpu", "-e", "1"], "unknown device 'tpu'"),
     (["evaluate", "--load", "/nonexistent/run"], "/nonexistent/run: no such run directory"),
     (["train", "--resume", "/nonexistent/run"], "/nonexistent/run: no such run directory"),
@@ -143,6 +148,12 @@ def test_unwritable_save_directory(tmp_path, capsys):
     assert_one_line_error(code, err, "cannot write there")
 
 
+def test_zero_epochs_is_refused_before_anything_is_written(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "-e", "0", "--save", str(tmp_path / "run"))
+    assert_one_line_error(code, err, "--epoch", "must be positive")
+    assert not (tmp_path / "run").exists()
+
+
 def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
@@ -161,6 +172,22 @@ def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
     torch.save({"weights": torch.zeros(3)}, other)
     code, _, err = run_cli(capsys, "evaluate", "--load", str(other))
     assert_one_line_error(code, err, "other.pt: not a capsnet checkpoint")
+
+    # whatever the bytes, one line: text, nothing, noise, pickle opcodes cut short
+    torch.manual_seed(0)
+    for name, data in [("text.pt", b"root:x:0:0:root:/root:/bin/bash\n" * 40), ("empty.pt", b""),
+                       ("noise.pt", bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).tolist())),
+                       ("cut.pt", b"\x80\x02}q\x00(X\x06\x00\x00\x00format")]:
+        (tmp_path / name).write_bytes(data)
+        for command in ("evaluate", "visualize"):
+            code, _, err = run_cli(capsys, command, "--load", str(tmp_path / name))
+            assert_one_line_error(code, err, name, "not a capsnet checkpoint")
+
+    # ours in form, nonsense in content
+    odd = tmp_path / "odd.pt"
+    torch.save({"format": "capsnet-checkpoint", "version": 1, "model_config": "paper", "model": {}}, odd)
+    code, _, err = run_cli(capsys, "evaluate", "--load", str(odd))
+    assert_one_line_error(code, err, "odd.pt: weights do not fit")
 
 
 def test_checkpoint_of_another_architecture(trained_run, tmp_path, capsys):

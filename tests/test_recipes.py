@@ -57,6 +57,10 @@ def test_recipes_and_overrides():
         recipe_config("nope")
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="linear")
+    for bad, match in [({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch_size"), ({"lr": 0.0}, "lr must"),
+                       ({"lr": -1e-3}, "lr must"), ({"lr_decay": 0.0}, "lr_decay"), ({"lr_decay": 1.5}, "lr_decay")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**bad)
 
 
 def test_with_averaging_model_pt_holds_the_average_and_last_pt_both(tmp_path, tiny_data):

@@ -30,6 +30,20 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0.0:  # (nan too)
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _decay(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -66,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", choices=list(RECIPES), default=None,
                    help=f"named settings to start from: default ({TrainConfig.epochs} epochs), fast ({RECIPES['fast']['epochs']} "
                         "epochs: 40 minutes on a 2-core CPU), chainer (the Chainer port's); the flags below change them further")
-    t.add_argument("-e", "--epoch", type=_non_negative, default=None, help=f"epochs (default: the recipe's, {TrainConfig.epochs}; fast: {RECIPES['fast']['epochs']})")
+    t.add_argument("-e", "--epoch", type=_positive, default=None, help=f"epochs (default: the recipe's, {TrainConfig.epochs}; fast: {RECIPES['fast']['epochs']})")
     t.add_argument("-b", "--batchsize", type=_positive, default=None, help="batch size (default 64)")
-    t.add_argument("-d", "--decay", type=float, default=None, help="learning-rate decay per epoch with --schedule exp (0.95)")
-    t.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: the recipe's, {TrainConfig.lr:g}; fast: {RECIPES['fast']['lr']:g})")
+    t.add_argument("-d", "--decay", type=_decay, default=None, help="learning-rate decay per epoch with --schedule exp (0.95)")
+    t.add_argument("--lr", type=_positive_float, default=None, help=f"peak learning rate (default: the recipe's, {TrainConfig.lr:g}; fast: {RECIPES['fast']['lr']:g})")
     t.add_argument("--shift", type=_non_negative, default=None,
                    help="largest random shift of a training image, in pixels (default 2, the paper's; 0 = none)")
     t.add_argument("--rotate", type=_degrees, default=None, metavar="DEG",
@@ -236,10 +250,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_visualize(args) -> int:
+    from .checkpoint import load_model
     from .data import load_dataset
     from .viz import write_all
 
     device = _device(args)
+    load_model(args.load)  # a wrong path or file fails here, before the data is fetched
     data = load_dataset("mnist", args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
     out = args.out or (args.load if args.load.is_dir() else args.load.parent)
     paths = write_all(args.load, data, out, device, args.precision or "auto")

@@ -94,6 +94,13 @@ class TrainConfig:
     recipe: str = "default"  # the named recipe these settings started from (see RECIPES)
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0.0 or not self.lr_min >= 0.0:
+            raise ValueError(f"lr must be positive and lr_min 0 or more, got {self.lr} and {self.lr_min}")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
