@@ -19,6 +19,8 @@ def load_checkpoint(path: Path) -> dict:
         raise CapsNetError(f"{path}: no such checkpoint")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (MemoryError, PermissionError):
+        raise  # not the file's fault (main() reports them in one line)
     except Exception as exc:  # noqa: BLE001 - arbitrary bytes fail in arbitrary ways (IndexError, KeyError, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CapsNetError(f"{path}: not a capsnet checkpoint or corrupt ({first[:160]})") from None
