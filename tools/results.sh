@@ -20,7 +20,7 @@ echo "## every run"
 "${capsnet[@]}" report "${recipes[@]}" "$R/e1-bf16" "$R/e1-fp32"
 echo
 echo "## ablation"
-"${capsnet[@]}" report --ablation "$R"/ablation/abl-{r3-recon,r1-recon,r3-norecon,r1-norecon,shared,leaky}
+"${capsnet[@]}" report --ablation --seeds "$R"/ablation/abl-{r3-recon,r1-recon,r3-norecon,r1-norecon,shared,leaky}{,-s790,-s791}
 [ "${1:-}" = --tables-only ] && exit 0
 "${capsnet[@]}" report --curves docs/pictures/curves.png "$R"/default-h200-s79{2,3,4} > /dev/null
 "${capsnet[@]}" report --curves docs/pictures/curves_fast.png "$R"/fast-lr2-s789 > /dev/null
