@@ -255,10 +255,10 @@ def cmd_visualize(args) -> int:
     from .viz import write_all
 
     device = _device(args)
-    load_model(args.load)  # a wrong path or file fails here, before the data is fetched
+    model = load_model(args.load)  # a wrong path or file fails here, before the data is fetched
     data = load_dataset("mnist", args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
     out = args.out or (args.load if args.load.is_dir() else args.load.parent)
-    paths = write_all(args.load, data, out, device, args.precision or "auto")
+    paths = write_all(args.load, data, out, device, args.precision or "auto", model=model)
     print(f"wrote {len(paths)} pictures to {out}: " + ", ".join(p.name for p in paths[:3]) + ", ...")
     return 0
 

@@ -147,22 +147,26 @@ def seeds_table(folders: list[Path]) -> str:
                            "test, validation-chosen model", "test, final model"], rows)
 
 
+def _switches(r: dict) -> tuple:
+    """A run's ablation columns: routing iterations, reconstruction, matrices, activation, epochs."""
+    return (r["routing_iters"], "yes" if r["reconstruct"] else "no",
+            "shared per type" if r["shared_weights"] else "one per capsule",
+            "leaky ReLU" if r["leaky_relu"] else "ReLU", r["epochs"])
+
+
 def ablation_table(folders: list[Path], *, pooled: bool = False) -> str:
     """The architecture switches of the paper's Table 1 and the Chainer port, one row per run; pooled,
     one row per switch setting with the mean and standard deviation over its runs (its seeds) and each
     run's test errors, named after its first run without a trailing seed ("abl-shared-s790" -> "abl-shared")."""
     runs = [read_run(f) for f in folders]
-    switches = lambda r: (r["routing_iters"], "yes" if r["reconstruct"] else "no",  # noqa: E731
-                          "shared per type" if r["shared_weights"] else "one per capsule",
-                          "leaky ReLU" if r["leaky_relu"] else "ReLU", r["epochs"])
     header = ["routing iterations", "reconstruction", "transformation matrices", "after conv1", "epochs"]
     if not pooled:
-        rows = [[r["name"], *switches(r), f"{r['val_acc'] * 100:.2f}%" if r["val_acc"] is not None else "-",
+        rows = [[r["name"], *_switches(r), f"{r['val_acc'] * 100:.2f}%" if r["val_acc"] is not None else "-",
                  _accuracy(r["test_acc"], r["test_errors"])] for r in runs]
         return markdown_table(["run", *header, "validation accuracy", "test accuracy (errors)"], rows)
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["recipe"], *switches(r)), []).append(r)
+        groups.setdefault((r["recipe"], *_switches(r)), []).append(r)
     rows = []
     for (_, *setting), group in groups.items():
         rows.append([re.sub(r"-s\d+$", "", group[0]["name"]), *setting, ", ".join(str(r["seed"]) for r in group),

@@ -152,14 +152,15 @@ def error_picture(model, data, precision: str):
     return (stack(blocks) if blocks else None), len(wrong)
 
 
-def write_all(load: Path, data, out: Path, device: torch.device, precision: str = "auto") -> list[Path]:
+def write_all(load: Path, data, out: Path, device: torch.device, precision: str = "auto", *,
+              model=None) -> list[Path]:
     """Write vis.png, vis_all.png, vis_tweaked0..K.png and vis_errors.png (if the model makes any
-    test errors) for the model at `load`; return their paths."""
+    test errors) for the model at `load` (or `model`, already loaded from there); return their paths."""
     from .checkpoint import load_model
     from .runtime import resolve_precision
     from .train import to_input
 
-    model = load_model(load).to(device)
+    model = (model if model is not None else load_model(load)).to(device)
     if model.decoder is None:
         raise CapsNetError(f"{load}: this model was trained without reconstruction; there is no decoder to draw with")
     if (model.cfg.in_channels, model.cfg.image_size) != (data.in_channels, data.image_size):
