@@ -74,6 +74,18 @@ def test_wrong_checksum_is_one_clear_error(tmp_path):
         mnist.fetch(tmp_path, log=lambda *a: None)
 
 
+def test_an_unwritable_cache_fails_before_any_download(tmp_path, monkeypatch):
+    def no_download(*args):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(mnist, "_from_mirrors", no_download)
+    monkeypatch.setattr(mnist, "_from_wheel", no_download)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(CapsNetError, match="a-file/mnist: cannot keep the data there"):
+        mnist.fetch(blocker, log=lambda *a: None)
+
+
 def test_real_mnist_is_the_official_one(mnist):
     assert mnist.train_images.shape == (60000, 1, 28, 28) and mnist.test_images.shape == (10000, 1, 28, 28)
     assert torch.bincount(mnist.test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

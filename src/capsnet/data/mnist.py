@@ -127,6 +127,10 @@ def fetch(data_dir: Path, log=print) -> dict[str, bytes]:
     missing = [name for name in FILES if name not in found]
     if not missing:
         return found
+    try:  # before any download: a cache that can't be written fails now, in one line
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CapsNetError(f"{folder}: cannot keep the data there ({exc.strerror or exc})") from None
     log(f"MNIST: fetching {len(missing)} file(s) into {folder}")
     fetched: dict[str, bytes] = {}
     for name in missing:
