@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-b", "--batchsize", type=_positive, default=None, help="batch size (default 64)")
     t.add_argument("-d", "--decay", type=_decay, default=None, help="learning-rate decay per epoch with --schedule exp (0.95)")
     t.add_argument("--lr", type=_positive_float, default=None, help=f"peak learning rate (default: the recipe's, {TrainConfig.lr:g}; fast: {RECIPES['fast']['lr']:g})")
+    t.add_argument("--recon-weight", type=_positive_float, default=None, metavar="W",
+                   help=f"weight of the reconstruction loss (sum of squared errors) beside the margin loss "
+                        f"(default {TrainConfig.recon_weight:g}, the paper's)")
     t.add_argument("--shift", type=_non_negative, default=None,
                    help="largest random shift of a training image, in pixels (default 2, the paper's; 0 = none)")
     t.add_argument("--rotate", type=_degrees, default=None, metavar="DEG",
@@ -181,7 +184,7 @@ def cmd_train(args) -> int:
 
     dist, device = init_distributed(_device(args))  # under torchrun: this process's rank and device
     train_overrides = {"epochs": args.epoch, "batch_size": args.batchsize, "lr_decay": args.decay, "lr": args.lr,
-                       "seed": args.seed, "limit": args.limit, "val_size": args.val, "dataset": args.dataset,
+                       "recon_weight": args.recon_weight, "seed": args.seed, "limit": args.limit, "val_size": args.val, "dataset": args.dataset,
                        "precision": args.precision, "test_every_epoch": args.test_every_epoch or None,
                        "compile": args.compile, "schedule": args.schedule, "ema_decay": args.ema,
                        "max_shift": args.shift, "max_rotation": args.rotate, "max_scale": args.scale,
