@@ -19,16 +19,26 @@ from conftest import small_model_config
 def test_fusable_routing_is_the_same_function():
     torch.manual_seed(0)
     u_hat = torch.randn(3, 50, 10, 16, dtype=torch.float64)  # [b, i, j, d]
+    bias = torch.randn(10, 16, dtype=torch.float64, requires_grad=True)
     for detach in (False, True):
-        a = dynamic_routing(u_hat.transpose(1, 2).contiguous(), 3, detach_inner=detach)
-        b = dynamic_routing_fusable(u_hat, 3, detach_inner=detach)
-        assert torch.allclose(a, b, atol=1e-12)
+        for b_j in (None, bias):
+            a = dynamic_routing(u_hat.transpose(1, 2).contiguous(), 3, detach_inner=detach, bias=b_j)
+            b = dynamic_routing_fusable(u_hat, 3, detach_inner=detach, bias=b_j)
+            assert torch.allclose(a, b, atol=1e-12)
+            if b_j is not None:  # the bias's gradient too, detached inner iterations included
+                g_a, = torch.autograd.grad(a.pow(2).sum(), bias)
+                g_b, = torch.autograd.grad(b.pow(2).sum(), bias)
+                assert torch.allclose(g_a, g_b, atol=1e-12)
 
 
 def test_compiled_capsule_layer_matches_eager():
     torch.manual_seed(0)
-    for shared in (False, True):
-        layer = DigitCaps(in_caps=64, in_dim=8, out_caps=4, out_dim=8, routing_iters=3, types=4, shared=shared)
+    for shared, bias in ((False, False), (True, False), (False, True)):
+        layer = DigitCaps(in_caps=64, in_dim=8, out_caps=4, out_dim=8, routing_iters=3, types=4, shared=shared,
+                          bias=bias)
+        if bias:
+            with torch.no_grad():
+                layer.bias.normal_(0.0, 0.3)
         u = torch.randn(5, 64, 8, requires_grad=True)
         eager = layer(u)
         g_eager, = torch.autograd.grad(eager.pow(2).sum(), u)

@@ -99,6 +99,27 @@ def test_resume_with_another_architecture_is_refused(trained_run, capsys):
     assert_one_line_error(code, err, "shared_weights=False", "--shared-weights")
 
 
+def test_resume_cannot_add_a_capsule_bias(trained_run, capsys):
+    code, _, err = run_cli(capsys, "train", "--resume", str(trained_run), "--capsule-bias")
+    assert_one_line_error(code, err, "capsule_bias=False", "--capsule-bias")
+
+
+def test_capsule_bias_is_trained_saved_and_evaluated(tmp_path, mnist, capsys):
+    from capsnet.checkpoint import load_model
+
+    run = tmp_path / "biased"
+    code, _, _ = run_cli(capsys, "train", "-e", "1", "--limit", "192", "--val", "64", "-b", "64", "--capsule-bias",
+                         "--recon-weight", "0.001", "--save", str(run), "-q", "--device", "cpu")
+    assert code == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["capsule_bias"] is True and config["train"]["recon_weight"] == 0.001
+    bias = load_model(run / "final.pt").digits.bias
+    assert bias.shape == (10, 16) and bias.abs().sum() > 0  # it starts at 0: training moved it
+    summary = json.loads((run / "summary.json").read_text())
+    code, out, _ = run_cli(capsys, "evaluate", "--load", str(run / "final.pt"), "--device", "cpu")
+    assert code == 0 and f"({summary['final_test_errors']} errors" in out
+
+
 def test_resume_keeps_a_cosine_schedule_s_length(trained_run, capsys):
     code, _, err = run_cli(capsys, "train", "--resume", str(trained_run), "-e", "3")
     assert_one_line_error(code, err, "epochs=1", "resuming with 3")
@@ -121,6 +142,7 @@ def test_resume_refuses_another_recipe(trained_run, capsys):
     (["train", "-e", "0"], "epoch: must be positive"),
     (["train", "--lr", "-1"], "lr: must be positive"),
     (["train", "--lr", "0"], "lr: must be positive"),
+    (["train", "--recon-weight", "-1"], "recon-weight: must be positive"),
     (["train", "-d", "-1"], "decay: must be in (0, 1]"),
     (["train", "-d", "1.5"], "decay: must be in (0, 1]"),
     (["train", "--device", "tpu", "-e", "1"], "unknown device 'tpu'"),

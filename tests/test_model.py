@@ -75,7 +75,8 @@ def test_reconstruction_loss_is_per_image_sum_averaged_over_batch():
 def test_every_parameter_gets_a_finite_gradient():
     torch.manual_seed(0)
     for cfg in (ModelConfig(conv_channels=16, primary_types=4),
-                ModelConfig(conv_channels=16, primary_types=4, shared_weights=True, leaky_relu=True)):
+                ModelConfig(conv_channels=16, primary_types=4, shared_weights=True, leaky_relu=True),
+                ModelConfig(conv_channels=16, primary_types=4, capsule_bias=True)):
         model = CapsNet(cfg)
         x, y = torch.rand(3, 1, 28, 28), torch.tensor([1, 2, 3])
         out = model(x, y)
@@ -96,3 +97,25 @@ def test_bf16_autocast_agrees_with_fp32():
             low = model(x).lengths
     assert low.dtype == torch.float32
     assert (low - ref).abs().max() < 0.02
+
+
+def test_capsule_bias_starts_at_zero_where_it_is_the_papers_model():
+    from capsnet.config import from_dict, to_dict
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(conv_channels=16, primary_types=4)
+    plain = CapsNet(cfg).eval()
+    biased = CapsNet(ModelConfig(conv_channels=16, primary_types=4, capsule_bias=True)).eval()
+    assert "digits.bias" not in plain.state_dict()
+    missing, unexpected = biased.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["digits.bias"] and unexpected == []
+    assert torch.equal(biased.digits.bias, torch.zeros(10, 16))
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(biased(x).poses, plain(x).poses, atol=1e-6)  # zero bias: the same capsules
+        biased.digits.bias.fill_(0.2)
+        assert not torch.allclose(biased(x).poses, plain(x).poses, atol=1e-3)
+    # a model saved before the switch existed has no capsule_bias key: it builds without a bias
+    saved = to_dict(cfg)
+    saved.pop("capsule_bias")
+    assert from_dict(ModelConfig, saved).capsule_bias is False

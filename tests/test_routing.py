@@ -3,8 +3,9 @@ import torch
 from capsnet.routing import coupling_coefficients, dynamic_routing, squash
 
 
-def slow_routing(u_hat, iterations):
-    """Procedure 1 of the paper with explicit loops, u_hat indexed [b, i, j, d] as printed."""
+def slow_routing(u_hat, iterations, bias=None):
+    """Procedure 1 of the paper with explicit loops, u_hat indexed [b, i, j, d] as printed
+    (bias: [j, d] added to each s_j before its squash, or None as in the paper)."""
     b, i_n, j_n, _ = u_hat.shape
     out = []
     for n in range(b):
@@ -14,6 +15,8 @@ def slow_routing(u_hat, iterations):
             v = []
             for j in range(j_n):
                 s = sum(c[i, j] * u_hat[n, i, j] for i in range(i_n))
+                if bias is not None:
+                    s = s + bias[j]
                 v.append(squash(s))
             v = torch.stack(v)
             if r < iterations - 1:
@@ -54,3 +57,18 @@ def test_detached_routing_changes_only_the_gradient():
     g_det, = torch.autograd.grad(v_det.pow(2).sum(), u_hat)
     assert torch.isfinite(g_full).all() and torch.isfinite(g_det).all()
     assert not torch.allclose(g_full, g_det)
+
+
+def test_bias_is_added_before_every_squash():
+    u = torch.randn(2, 7, 4, 3, dtype=torch.float64)  # [b, i, j, d]
+    bias = torch.randn(4, 3, dtype=torch.float64)
+    for iters in (1, 2, 3):
+        fast = dynamic_routing(u.permute(0, 2, 1, 3).contiguous(), iters, bias=bias)
+        assert torch.allclose(fast, slow_routing(u, iters, bias), atol=1e-10)
+        assert not torch.allclose(fast, slow_routing(u, iters))  # the bias changed the capsules
+
+
+def test_bias_gradient_is_exact():
+    u_hat = torch.randn(2, 4, 9, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u, b: dynamic_routing(u, 3, bias=b), (u_hat, bias))

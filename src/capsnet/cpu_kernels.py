@@ -53,9 +53,9 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         os.replace(tmp, target)  # atomic: a concurrent process sees the whole library or none
     lib = ctypes.CDLL(str(target))
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    lib.routing_forward.argtypes = [ptr, i32, i64, i64, i64, i64, i32, i32, i32, i32, i32, ptr, ptr, ptr, i32]
+    lib.routing_forward.argtypes = [ptr, i32, i64, i64, i64, i64, i32, i32, i32, i32, i32, ptr, ptr, ptr, ptr, i32]
     lib.routing_backward.argtypes = [ptr, i32, i64, i64, i64, i64, i32, i32, i32, i32, i32, ptr, ptr, ptr, ptr,
-                                     i32, i32]
+                                     ptr, i32, i32]
     return lib
 
 
@@ -81,36 +81,43 @@ def _layout(u_hat: torch.Tensor, batch: int, groups: int):
 
 
 class FusedRouting(torch.autograd.Function):
-    """v [B, J, D] (float32) from u_hat laid out [groups, B * P, J, D] (float32 or bf16)."""
+    """v [B, J, D] (float32) from u_hat laid out [groups, B * P, J, D] (float32 or bf16), and
+    bias [J, D] (float32, added to every s_j before the squash) or None."""
 
     @staticmethod
-    def forward(ctx, u_hat, batch: int, iterations: int, detach_inner: bool):
+    def forward(ctx, u_hat, bias, batch: int, iterations: int, detach_inner: bool):
         groups, _, j, d = u_hat.shape
         n_in = groups * (u_hat.shape[1] // batch)
         sb, st, sp, p = _layout(u_hat, batch, groups)
         bf16 = u_hat.dtype == torch.bfloat16
         assert bf16 or u_hat.dtype == torch.float32
+        if bias is not None:
+            bias = bias.detach().float().contiguous()
+            assert bias.shape == (j, d)
+        bias_ptr = None if bias is None else bias.data_ptr()
         v = u_hat.new_empty(batch, j, d, dtype=torch.float32)
-        if not ctx.needs_input_grad[0]:  # inference: nothing to keep for a backward pass
+        if not any(ctx.needs_input_grad[:2]):  # inference: nothing to keep for a backward pass
             _lib.routing_forward(u_hat.data_ptr(), int(bf16), sb, st, sp, p, batch, n_in, j, d, iterations,
-                                 v.data_ptr(), None, None, torch.get_num_threads())
+                                 bias_ptr, v.data_ptr(), None, None, torch.get_num_threads())
             return v
         c_save = u_hat.new_empty(iterations, batch, n_in, j, dtype=torch.float32)
         s_save = u_hat.new_empty(iterations, batch, j, d, dtype=torch.float32)
         _lib.routing_forward(u_hat.data_ptr(), int(bf16), sb, st, sp, p, batch, n_in, j, d, iterations,
-                             v.data_ptr(), c_save.data_ptr(), s_save.data_ptr(), torch.get_num_threads())
+                             bias_ptr, v.data_ptr(), c_save.data_ptr(), s_save.data_ptr(), torch.get_num_threads())
         ctx.save_for_backward(u_hat, c_save, s_save)
-        ctx.args = (batch, n_in, iterations, detach_inner, (sb, st, sp, p), bf16)
+        ctx.args = (batch, n_in, iterations, detach_inner, (sb, st, sp, p), bf16, bias is not None)
         return v
 
     @staticmethod
     def backward(ctx, grad_v):
         u_hat, c_save, s_save = ctx.saved_tensors
-        batch, n_in, iterations, detach_inner, (sb, st, sp, p), bf16 = ctx.args
+        batch, n_in, iterations, detach_inner, (sb, st, sp, p), bf16, has_bias = ctx.args
         grad_v = grad_v.float().contiguous()
         grad_u = torch.empty_like(u_hat)
         _, _, j, d = u_hat.shape
+        grad_bias = u_hat.new_zeros(batch, j, d, dtype=torch.float32) if has_bias else None  # per image
         _lib.routing_backward(u_hat.data_ptr(), int(bf16), sb, st, sp, p, batch, n_in, j, d, iterations,
                               c_save.data_ptr(), s_save.data_ptr(), grad_v.data_ptr(), grad_u.data_ptr(),
-                              int(detach_inner), torch.get_num_threads())
-        return grad_u, None, None, None
+                              None if grad_bias is None else grad_bias.data_ptr(), int(detach_inner),
+                              torch.get_num_threads())
+        return grad_u, None if grad_bias is None else grad_bias.sum(dim=0), None, None, None

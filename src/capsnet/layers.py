@@ -33,11 +33,14 @@ class DigitCaps(nn.Module):
     """Predictions u_hat_{j|i} = W_ij u_i (Eq. 2), then dynamic routing.
 
     One matrix W_ij per (input capsule, class) as in the paper, or with shared=True one
-    per (capsule type, class): every position of a type uses the same matrices.
+    per (capsule type, class): every position of a type uses the same matrices. With bias=True
+    a learned bias b_j [out_caps, out_dim], starting at 0, is added to s_j before every squash
+    (the authors' published code has one; the paper's equations don't).
     """
 
     def __init__(self, *, in_caps: int, in_dim: int, out_caps: int, out_dim: int, routing_iters: int,
-                 types: int, shared: bool = False, detach_routing: bool = False, init_range: float = 0.05):
+                 types: int, shared: bool = False, detach_routing: bool = False, init_range: float = 0.05,
+                 bias: bool = False):
         super().__init__()
         self.in_caps, self.types, self.shared = in_caps, types, shared
         self.routing_iters, self.detach_routing = routing_iters, detach_routing
@@ -45,6 +48,7 @@ class DigitCaps(nn.Module):
         # W: [i or type, e, j*d]: u (in_dim e) times W gives all classes' predictions at once.
         self.weight = nn.Parameter(torch.empty(rows, in_dim, out_caps * out_dim).uniform_(-init_range, init_range))
         self.out_caps, self.out_dim = out_caps, out_dim
+        self.bias = nn.Parameter(torch.zeros(out_caps, out_dim)) if bias else None
         self.use_kernel = True  # the fused C++ routing on CPU where it builds (cpu_kernels)
 
     def grouped_predictions(self, u: torch.Tensor) -> torch.Tensor:
@@ -83,9 +87,10 @@ class DigitCaps(nn.Module):
         """u: [b, i, e] primary capsules -> v: [b, j, d] output capsules."""
         if (self.use_kernel and u.device.type == "cpu" and not torch.compiler.is_compiling()
                 and cpu_kernels.available()):
-            return cpu_kernels.FusedRouting.apply(self.grouped_predictions(u), u.shape[0], self.routing_iters,
-                                                  self.detach_routing)
+            return cpu_kernels.FusedRouting.apply(self.grouped_predictions(u), self.bias, u.shape[0],
+                                                  self.routing_iters, self.detach_routing)
         if torch.compiler.is_compiling():  # one fused pass per routing iteration
             return dynamic_routing_fusable(self.fusable_predictions(u), self.routing_iters,
-                                           detach_inner=self.detach_routing)
-        return dynamic_routing(self.predictions(u), self.routing_iters, detach_inner=self.detach_routing)
+                                           detach_inner=self.detach_routing, bias=self.bias)
+        return dynamic_routing(self.predictions(u), self.routing_iters, detach_inner=self.detach_routing,
+                               bias=self.bias)

@@ -48,7 +48,7 @@ class CapsNet(nn.Module):
         self.digits = DigitCaps(in_caps=cfg.num_primary, in_dim=cfg.primary_dim, out_caps=cfg.num_classes,
                                 out_dim=cfg.digit_dim, routing_iters=cfg.routing_iters, types=cfg.primary_types,
                                 shared=cfg.shared_weights, detach_routing=cfg.detach_routing,
-                                init_range=cfg.weight_init)
+                                init_range=cfg.weight_init, bias=cfg.capsule_bias)
         self.decoder = Decoder(cfg) if cfg.reconstruct else None
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

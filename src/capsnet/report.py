@@ -64,6 +64,7 @@ def read_run(folder: Path) -> dict:
         "reconstruct": model.get("reconstruct"),
         "shared_weights": model.get("shared_weights"),
         "leaky_relu": model.get("leaky_relu"),
+        "capsule_bias": model.get("capsule_bias"),
         "records": records,
     }
 
@@ -124,7 +125,8 @@ def _architecture(r: dict) -> str:
     """The paper's architecture, or what differs from it."""
     changes = ([f"{r['routing_iters']} routing iterations"] if r["routing_iters"] != 3 else []) + \
         (["no reconstruction"] if r["reconstruct"] is False else []) + \
-        (["shared matrices"] if r["shared_weights"] else []) + (["leaky ReLU"] if r["leaky_relu"] else [])
+        (["shared matrices"] if r["shared_weights"] else []) + (["leaky ReLU"] if r["leaky_relu"] else []) + \
+        (["capsule bias"] if r["capsule_bias"] else [])
     return ", ".join(changes) or "paper"
 
 

@@ -12,6 +12,10 @@
 // Indices: b batch, i input capsule, j output capsule, d dimension. Row (b, i) of u_hat, its
 // J x D predictions, starts at b*sb + (i / P)*st + (i % P)*sp (P > 1 when matrices are shared
 // per capsule type, so the predictions come out grouped by type).
+//
+// bias (J x D, or null) is added to every s_j before it is squashed, in every iteration; the
+// saved s include it. Its gradient comes out per image (B x J x D: no two threads write one
+// row), summed over the iterations; the caller sums over the batch.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -45,6 +49,11 @@ struct Layout {
 };
 
 // v = s * sqrt(|s|^2 + eps) / (1 + |s|^2), for each of the J capsules.
+inline void add_bias(float* s, const float* bias, int JD) {
+  if (bias)
+    for (int k = 0; k < JD; ++k) s[k] += bias[k];
+}
+
 inline void squash(const float* s, float* v, int J, int D) {
   for (int j = 0; j < J; ++j) {
     float n2 = 0.f;
@@ -72,8 +81,8 @@ inline void squash_backward(const float* s, const float* dv, float* ds, int J, i
 // JC, DC: the capsule counts known at compile time (10 x 16 for MNIST), so that the inner
 // loops become a few whole-register AVX-512 operations; 0 means "given at run time".
 template <typename T, int JC, int DC>
-void forward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, float* v_out, float* c_save,
-             float* s_save, int threads) {
+void forward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, const float* bias, float* v_out,
+             float* c_save, float* s_save, int threads) {
   const int J = JC ? JC : Jr, D = DC ? DC : Dr;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int b = 0; b < B; ++b) {
@@ -85,6 +94,7 @@ void forward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, float* v
       for (int k = 0; k < J * D; ++k) s[k] += load(u, row + k);
     }
     for (int k = 0; k < J * D; ++k) s[k] /= static_cast<float>(J);
+    add_bias(s.data(), bias, J * D);
     if (s_save) std::memcpy(s_save + static_cast<int64_t>(b) * J * D, s.data(), sizeof(float) * J * D);
     for (int r = 1; r < R; ++r) {
       squash(s.data(), v.data(), J, D);
@@ -108,6 +118,7 @@ void forward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, float* v
           for (int d = 0; d < D; ++d) s[j * D + d] += cij * load(u, row + j * D + d);
         }
       }
+      add_bias(s.data(), bias, J * D);
       if (s_save) std::memcpy(s_save + (static_cast<int64_t>(r) * B + b) * J * D, s.data(), sizeof(float) * J * D);
     }
     squash(s.data(), v_out + static_cast<int64_t>(b) * J * D, J, D);
@@ -163,8 +174,8 @@ inline __m512 exp_nonpositive(__m512 x) {
 }
 
 template <typename T, int J>
-void forward_avx512(const T* u, Layout L, int B, int I, int R, float* v_out, float* c_save, float* s_save,
-                    int threads) {
+void forward_avx512(const T* u, Layout L, int B, int I, int R, const float* bias, float* v_out, float* c_save,
+                    float* s_save, int threads) {
   static_assert(J >= 1 && J <= 16, "one lane per parent capsule");
   constexpr int D = 16, JD = J * D;
   const __mmask16 parents = static_cast<__mmask16>((1u << J) - 1);
@@ -181,6 +192,7 @@ void forward_avx512(const T* u, Layout L, int B, int I, int R, float* v_out, flo
         for (int j = 0; j < J; ++j) acc[j] = _mm512_add_ps(acc[j], load16(row + j * D));
       }
     for (int j = 0; j < J; ++j) _mm512_store_ps(s + j * D, _mm512_mul_ps(acc[j], _mm512_set1_ps(1.f / J)));
+    add_bias(s, bias, JD);
     if (s_save) std::memcpy(s_save + static_cast<int64_t>(b) * JD, s, sizeof(float) * JD);
     for (int r = 1; r < R; ++r) {
       squash(s, v, J, D);
@@ -208,6 +220,7 @@ void forward_avx512(const T* u, Layout L, int B, int I, int R, float* v_out, flo
           for (int j = 0; j < J; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(c[j]), load16(row + j * D), acc[j]);
         }
       for (int j = 0; j < J; ++j) _mm512_store_ps(s + j * D, acc[j]);
+      add_bias(s, bias, JD);
       if (s_save) std::memcpy(s_save + (static_cast<int64_t>(r) * B + b) * JD, s, sizeof(float) * JD);
     }
     squash(s, v_out + static_cast<int64_t>(b) * JD, J, D);
@@ -225,7 +238,7 @@ inline void store16(uint16_t* p, __m512 x) {  // 16 f32 -> 16 bf16, round to nea
 // The backward pass of forward_avx512, the scalar backward's arithmetic in the same order.
 template <typename T, int J>
 void backward_avx512(const T* u, Layout L, int B, int I, int R, const float* c_save, const float* s_save,
-                     const float* grad_v, T* grad_u, bool detach_inner, int threads) {
+                     const float* grad_v, T* grad_u, float* grad_bias, bool detach_inner, int threads) {
   constexpr int D = 16, JD = J * D;
   const __mmask16 parents = static_cast<__mmask16>((1u << J) - 1);
   const int64_t groups = I / L.P;
@@ -237,6 +250,8 @@ void backward_avx512(const T* u, Layout L, int B, int I, int R, const float* c_s
     const int first = detach_inner ? R - 1 : 0;
     for (int r = R - 1; r >= first; --r) {
       squash_backward(s_save + (static_cast<int64_t>(r) * B + b) * JD, gv, ds, J, D);
+      if (grad_bias)
+        for (int k = 0; k < JD; ++k) grad_bias[static_cast<int64_t>(b) * JD + k] += ds[k];
       const bool chain = !detach_inner && r >= 1;  // beta^r = beta^(r-1) + u_hat . v^(r-1)
       if (chain) squash(s_save + (static_cast<int64_t>(r - 1) * B + b) * JD, v_prev, J, D);
       __m512 dsj[J], acc[J];
@@ -289,7 +304,7 @@ void backward_avx512(const T* u, Layout L, int B, int I, int R, const float* c_s
 
 template <typename T, int JC, int DC>
 void backward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, const float* c_save, const float* s_save,
-              const float* grad_v, T* grad_u, bool detach_inner, int threads) {
+              const float* grad_v, T* grad_u, float* grad_bias, bool detach_inner, int threads) {
   const int J = JC ? JC : Jr, D = DC ? DC : Dr;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int b = 0; b < B; ++b) {
@@ -300,6 +315,8 @@ void backward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, const f
     for (int r = R - 1; r >= first; --r) {
       const float* s_r = s_save + (static_cast<int64_t>(r) * B + b) * JD;
       squash_backward(s_r, gv.data(), ds.data(), J, D);
+      if (grad_bias)
+        for (int64_t k = 0; k < JD; ++k) grad_bias[b * JD + k] += ds[k];
       const bool chain = !detach_inner && r >= 1;  // beta^r = beta^(r-1) + u_hat . v^(r-1)
       if (chain) {
         squash(s_save + (static_cast<int64_t>(r - 1) * B + b) * JD, v_prev.data(), J, D);
@@ -344,49 +361,50 @@ void backward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, const f
 }  // namespace
 
 template <typename T>
-void forward_any(const T* u, Layout L, int B, int I, int J, int D, int R, float* v, float* c, float* s, int nt) {
+void forward_any(const T* u, Layout L, int B, int I, int J, int D, int R, const float* bias, float* v, float* c,
+                 float* s, int nt) {
 #if defined(__AVX512F__)
-  if (J == 10 && D == 16) return forward_avx512<T, 10>(u, L, B, I, R, v, c, s, nt);
+  if (J == 10 && D == 16) return forward_avx512<T, 10>(u, L, B, I, R, bias, v, c, s, nt);
 #endif
   if (J == 10 && D == 16)
-    forward<T, 10, 16>(u, L, B, I, J, D, R, v, c, s, nt);
+    forward<T, 10, 16>(u, L, B, I, J, D, R, bias, v, c, s, nt);
   else
-    forward<T, 0, 0>(u, L, B, I, J, D, R, v, c, s, nt);
+    forward<T, 0, 0>(u, L, B, I, J, D, R, bias, v, c, s, nt);
 }
 
 template <typename T>
 void backward_any(const T* u, Layout L, int B, int I, int J, int D, int R, const float* c, const float* s,
-                  const float* gv, T* gu, bool detach, int nt) {
+                  const float* gv, T* gu, float* gb, bool detach, int nt) {
 #if defined(__AVX512F__)
-  if (J == 10 && D == 16) return backward_avx512<T, 10>(u, L, B, I, R, c, s, gv, gu, detach, nt);
+  if (J == 10 && D == 16) return backward_avx512<T, 10>(u, L, B, I, R, c, s, gv, gu, gb, detach, nt);
 #endif
   if (J == 10 && D == 16)
-    backward<T, 10, 16>(u, L, B, I, J, D, R, c, s, gv, gu, detach, nt);
+    backward<T, 10, 16>(u, L, B, I, J, D, R, c, s, gv, gu, gb, detach, nt);
   else
-    backward<T, 0, 0>(u, L, B, I, J, D, R, c, s, gv, gu, detach, nt);
+    backward<T, 0, 0>(u, L, B, I, J, D, R, c, s, gv, gu, gb, detach, nt);
 }
 
 extern "C" {
 
 void routing_forward(const void* u, int bf16, int64_t sb, int64_t st, int64_t sp, int64_t P, int B, int I, int J,
-                     int D, int R, float* v_out, float* c_save, float* s_save, int threads) {
+                     int D, int R, const float* bias, float* v_out, float* c_save, float* s_save, int threads) {
   const Layout L{sb, st, sp, P};
   if (bf16)
-    forward_any(static_cast<const uint16_t*>(u), L, B, I, J, D, R, v_out, c_save, s_save, threads);
+    forward_any(static_cast<const uint16_t*>(u), L, B, I, J, D, R, bias, v_out, c_save, s_save, threads);
   else
-    forward_any(static_cast<const float*>(u), L, B, I, J, D, R, v_out, c_save, s_save, threads);
+    forward_any(static_cast<const float*>(u), L, B, I, J, D, R, bias, v_out, c_save, s_save, threads);
 }
 
 void routing_backward(const void* u, int bf16, int64_t sb, int64_t st, int64_t sp, int64_t P, int B, int I, int J,
                       int D, int R, const float* c_save, const float* s_save, const float* grad_v, void* grad_u,
-                      int detach_inner, int threads) {
+                      float* grad_bias, int detach_inner, int threads) {
   const Layout L{sb, st, sp, P};
   if (bf16)
     backward_any(static_cast<const uint16_t*>(u), L, B, I, J, D, R, c_save, s_save, grad_v,
-                 static_cast<uint16_t*>(grad_u), detach_inner != 0, threads);
+                 static_cast<uint16_t*>(grad_u), grad_bias, detach_inner != 0, threads);
   else
     backward_any(static_cast<const float*>(u), L, B, I, J, D, R, c_save, s_save, grad_v,
-                 static_cast<float*>(grad_u), detach_inner != 0, threads);
+                 static_cast<float*>(grad_u), grad_bias, detach_inner != 0, threads);
 }
 
 }  // extern "C"
