@@ -99,7 +99,7 @@ def test_bf16_autocast_agrees_with_fp32():
     assert (low - ref).abs().max() < 0.02
 
 
-def test_capsule_bias_starts_at_zero_where_it_is_the_papers_model():
+def test_capsule_bias_starts_at_0_1_and_at_zero_is_the_papers_model():
     from capsnet.config import from_dict, to_dict
 
     torch.manual_seed(0)
@@ -109,12 +109,12 @@ def test_capsule_bias_starts_at_zero_where_it_is_the_papers_model():
     assert "digits.bias" not in plain.state_dict()
     missing, unexpected = biased.load_state_dict(plain.state_dict(), strict=False)
     assert missing == ["digits.bias"] and unexpected == []
-    assert torch.equal(biased.digits.bias, torch.zeros(10, 16))
+    assert torch.equal(biased.digits.bias, torch.full((10, 16), 0.1))  # the authors' code's start
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
-        assert torch.allclose(biased(x).poses, plain(x).poses, atol=1e-6)  # zero bias: the same capsules
-        biased.digits.bias.fill_(0.2)
         assert not torch.allclose(biased(x).poses, plain(x).poses, atol=1e-3)
+        biased.digits.bias.zero_()
+        assert torch.allclose(biased(x).poses, plain(x).poses, atol=1e-6)  # zero bias: the same capsules
     # a model saved before the switch existed has no capsule_bias key: it builds without a bias
     saved = to_dict(cfg)
     saved.pop("capsule_bias")

@@ -57,13 +57,14 @@ def test_report_without_runs_is_one_line(tmp_path, capsys):
 
 
 def _fake_run(folder: Path, seed: int, test_acc: float, final_acc: float | None, shared: bool = False,
-              capsule_bias: bool | None = None, **train):
-    """The three small files of a finished 2-epoch run, as docs/results keeps them (capsule_bias
-    None: a config.json from before that switch, without the key)."""
+              capsule_bias: bool | None = None, weight_init: float | None = None, **train):
+    """The three small files of a finished 2-epoch run, as docs/results keeps them (capsule_bias,
+    weight_init None: a config.json from before those settings were recorded, without the key)."""
     folder.mkdir(parents=True)
     model = {"routing_iters": 3, "reconstruct": True, "shared_weights": shared, "leaky_relu": False}
-    if capsule_bias is not None:
-        model["capsule_bias"] = capsule_bias
+    for key, value in (("capsule_bias", capsule_bias), ("weight_init", weight_init)):
+        if value is not None:
+            model[key] = value
     config = {"device_name": "cpu", "precision": "bf16", "argv": ["train", "-s", str(seed)],
               "train": {"recipe": "default", "seed": seed, "epochs": 2, "batch_size": 64, **train}, "model": model}
     (folder / "config.json").write_text(json.dumps(config))
@@ -82,15 +83,18 @@ def test_seeds_are_pooled_per_recipe_and_architecture(tmp_path, capsys):
     _fake_run(tmp_path / "c", 3, 0.9963, None)
     _fake_run(tmp_path / "d", 1, 0.9890, 0.9900, shared=True)
     _fake_run(tmp_path / "e", 1, 0.9970, 0.9970, capsule_bias=True)
-    _fake_run(tmp_path / "f", 4, 0.9956, 0.9960, capsule_bias=False)  # pooled with a-c
-    assert main(["report", "--seeds", *(str(tmp_path / n) for n in "abcdef")]) == 0
+    _fake_run(tmp_path / "f", 4, 0.9956, 0.9960, capsule_bias=False, weight_init=0.05)  # pooled with a-c
+    _fake_run(tmp_path / "g", 1, 0.9950, 0.9950, capsule_bias=True, weight_init=0.15)
+    assert main(["report", "--seeds", *(str(tmp_path / n) for n in "abcdefg")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 5
+    assert len(out) == 6
     # mean 99.60, sample std of (99.60, 99.57, 99.63) = 0.03; final over the two runs that have one
     assert out[2] == ("| default | paper | 2 | 64, bf16 | cpu | 1, 2, 3, 4 | 99.59 +- 0.03% (n=4) | "
                       "99.64 +- 0.04% (n=3) |")
     assert out[3] == "| default | shared matrices | 2 | 64, bf16 | cpu | 1 | 98.90% (n=1) | 99.00% (n=1) |"
     assert out[4] == "| default | capsule bias | 2 | 64, bf16 | cpu | 1 | 99.70% (n=1) | 99.70% (n=1) |"
+    assert out[5] == ("| default | capsule bias, matrices from +-0.15 | 2 | 64, bf16 | cpu | 1 | 99.50% (n=1) | "
+                      "99.50% (n=1) |")
 
 
 def test_runs_whose_flags_changed_the_recipe_are_pooled_apart(tmp_path, capsys):

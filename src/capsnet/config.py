@@ -28,7 +28,7 @@ class ModelConfig:
     routing_iters: int = 3
     shared_weights: bool = False  # one matrix per capsule type instead of per capsule
     detach_routing: bool = False  # stop gradients through u_hat in the inner iterations
-    capsule_bias: bool = False  # a learned bias added to each s_j before the squash (the authors' code)
+    capsule_bias: bool = False  # a learned bias (from 0.1) added to each s_j before the squash (the authors' code)
     weight_init: float = 0.05  # transformation matrices drawn uniform in +-weight_init
     reconstruct: bool = True
     decoder_hidden: tuple[int, ...] = (512, 1024)

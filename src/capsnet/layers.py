@@ -8,6 +8,9 @@ from . import cpu_kernels, fastconv
 from .routing import dynamic_routing, dynamic_routing_fusable, squash
 
 
+BIAS_INIT = 0.1  # DigitCaps' optional bias starts here (the authors' code: every bias 0.1)
+
+
 class PrimaryCaps(nn.Module):
     """A convolution whose output channels are grouped into capsules, then squashed.
 
@@ -34,8 +37,8 @@ class DigitCaps(nn.Module):
 
     One matrix W_ij per (input capsule, class) as in the paper, or with shared=True one
     per (capsule type, class): every position of a type uses the same matrices. With bias=True
-    a learned bias b_j [out_caps, out_dim], starting at 0, is added to s_j before every squash
-    (the authors' published code has one; the paper's equations don't).
+    a learned bias b_j [out_caps, out_dim] is added to s_j before every squash; it starts at
+    0.1, as in the authors' published code (the paper's equations have no bias).
     """
 
     def __init__(self, *, in_caps: int, in_dim: int, out_caps: int, out_dim: int, routing_iters: int,
@@ -48,7 +51,7 @@ class DigitCaps(nn.Module):
         # W: [i or type, e, j*d]: u (in_dim e) times W gives all classes' predictions at once.
         self.weight = nn.Parameter(torch.empty(rows, in_dim, out_caps * out_dim).uniform_(-init_range, init_range))
         self.out_caps, self.out_dim = out_caps, out_dim
-        self.bias = nn.Parameter(torch.zeros(out_caps, out_dim)) if bias else None
+        self.bias = nn.Parameter(torch.full((out_caps, out_dim), BIAS_INIT)) if bias else None
         self.use_kernel = True  # the fused C++ routing on CPU where it builds (cpu_kernels)
 
     def grouped_predictions(self, u: torch.Tensor) -> torch.Tensor:

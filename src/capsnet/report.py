@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from .config import LEGACY_TRAIN_SETTINGS, RECIPES, recipe_config, to_dict
+from .config import LEGACY_TRAIN_SETTINGS, RECIPES, ModelConfig, recipe_config, to_dict
 from .errors import CapsNetError
 
 # Settings left out of a run's recipe label: they don't change what is trained, or the tables give
@@ -65,6 +65,7 @@ def read_run(folder: Path) -> dict:
         "shared_weights": model.get("shared_weights"),
         "leaky_relu": model.get("leaky_relu"),
         "capsule_bias": model.get("capsule_bias"),
+        "weight_init": model.get("weight_init"),
         "records": records,
     }
 
@@ -126,7 +127,8 @@ def _architecture(r: dict) -> str:
     changes = ([f"{r['routing_iters']} routing iterations"] if r["routing_iters"] != 3 else []) + \
         (["no reconstruction"] if r["reconstruct"] is False else []) + \
         (["shared matrices"] if r["shared_weights"] else []) + (["leaky ReLU"] if r["leaky_relu"] else []) + \
-        (["capsule bias"] if r["capsule_bias"] else [])
+        (["capsule bias"] if r["capsule_bias"] else []) + \
+        ([f"matrices from +-{r['weight_init']:g}"] if r["weight_init"] not in (None, ModelConfig.weight_init) else [])
     return ", ".join(changes) or "paper"
 
 
