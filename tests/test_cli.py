@@ -109,13 +109,13 @@ def test_capsule_bias_is_trained_saved_and_evaluated(tmp_path, mnist, capsys):
 
     run = tmp_path / "biased"
     code, _, _ = run_cli(capsys, "train", "-e", "1", "--limit", "192", "--val", "64", "-b", "64", "--capsule-bias",
-                         "--recon-weight", "0.001", "--weight-init", "0.15", "--save", str(run), "-q", "--device", "cpu")
+                         "--recon-weight", "0.001", "--init", "authors", "--save", str(run), "-q", "--device", "cpu")
     assert code == 0
     config = json.loads((run / "config.json").read_text())
-    assert config["model"]["capsule_bias"] is True and config["model"]["weight_init"] == 0.15
+    assert config["model"]["capsule_bias"] is True and config["model"]["init"] == "authors"
     assert config["train"]["recon_weight"] == 0.001
     bias = load_model(run / "final.pt").digits.bias
-    assert bias.shape == (10, 16) and not torch.allclose(bias, torch.full_like(bias, 0.1))  # training moved it
+    assert bias.shape == (10, 16) and not torch.allclose(bias, torch.full_like(bias, 0.1))  # trained from 0.1
     summary = json.loads((run / "summary.json").read_text())
     code, out, _ = run_cli(capsys, "evaluate", "--load", str(run / "final.pt"), "--device", "cpu")
     assert code == 0 and f"({summary['final_test_errors']} errors" in out
@@ -144,7 +144,7 @@ def test_resume_refuses_another_recipe(trained_run, capsys):
     (["train", "--lr", "-1"], "lr: must be positive"),
     (["train", "--lr", "0"], "lr: must be positive"),
     (["train", "--recon-weight", "-1"], "recon-weight: must be positive"),
-    (["train", "--weight-init", "0"], "weight-init: must be positive"),
+    (["train", "--init", "random"], "invalid choice: 'random'"),
     (["train", "-d", "-1"], "decay: must be in (0, 1]"),
     (["train", "-d", "1.5"], "decay: must be in (0, 1]"),
     (["train", "--device", "tpu", "-e", "1"], "unknown device 'tpu'"),

@@ -119,3 +119,21 @@ def test_capsule_bias_starts_at_0_1_and_at_zero_is_the_papers_model():
     saved = to_dict(cfg)
     saved.pop("capsule_bias")
     assert from_dict(ModelConfig, saved).capsule_bias is False
+
+
+def test_the_authors_start_is_their_normals_and_biases_and_gives_long_capsules(mnist):
+    torch.manual_seed(0)
+    default = CapsNet(ModelConfig())
+    torch.manual_seed(0)
+    authors = CapsNet(ModelConfig(init="authors", capsule_bias=True))
+    for name, std in (("conv1.weight", 0.05), ("primary.conv.weight", 0.1), ("digits.weight", 0.1),
+                      ("decoder.net.4.weight", 0.1)):
+        w = authors.get_parameter(name)
+        assert w.abs().max() <= 2 * std  # cut at two standard deviations
+        assert 0.85 * std < w.std() < 0.9 * std, name  # a normal cut at 2 std keeps 0.88 of its std
+    for name, p in authors.named_parameters():
+        if name.endswith("bias"):
+            assert torch.equal(p, torch.full_like(p, 0.1)), name
+    x = mnist.train_images[:32].float().div(255)
+    with torch.no_grad():
+        assert default(x).lengths.mean() < 0.01 < 0.5 < authors(x).lengths.mean()

@@ -6,13 +6,13 @@ import os
 import sys
 from pathlib import Path
 
-from .config import COMPILE_MODES, RECIPES, SCHEDULES, ModelConfig, TrainConfig
+from .config import COMPILE_MODES, INITS, RECIPES, SCHEDULES, ModelConfig, TrainConfig
 from .errors import CapsNetError
 
 # Model flags: None means "not given", so --resume can tell a conflicting flag from a default.
 MODEL_FLAGS = {"routing_iters": "--routing-iters", "shared_weights": "--shared-weights",
                "leaky_relu": "--leaky-relu", "detach_routing": "--detach-routing",
-               "capsule_bias": "--capsule-bias", "weight_init": "--weight-init", "reconstruct": "--no-reconstruct"}
+               "capsule_bias": "--capsule-bias", "init": "--init", "reconstruct": "--no-reconstruct"}
 # Settings a resumed run may change: they don't alter what the run computes.
 RESUMABLE = ("epochs", "test_every_epoch", "compile", "compile_mode")
 
@@ -116,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--capsule-bias", action="store_const", const=True, default=None,
                    help="a learned bias (from 0.1) added to each digit capsule before the squash (the authors' "
                         "published code; not in the paper)")
-    t.add_argument("--weight-init", type=_positive_float, default=None, metavar="A",
-                   help=f"transformation matrices start uniform in +-A (default {ModelConfig.weight_init:g}, the "
-                        "Chainer port's; the authors' code: normal, std 0.1)")
+    t.add_argument("--init", choices=INITS, default=None,
+                   help=f"starting weights: default (PyTorch's, matrices uniform in +-{ModelConfig.weight_init:g}) "
+                        "or authors (the authors' published code: normals cut at 2 std, biases 0.1)")
     t.add_argument("--reconstruct", dest="reconstruct", action="store_const", const=True, default=None,
                    help="train with the reconstruction loss (the default)")
     t.add_argument("--no-reconstruct", dest="reconstruct", action="store_const", const=False,

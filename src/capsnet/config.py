@@ -29,7 +29,8 @@ class ModelConfig:
     shared_weights: bool = False  # one matrix per capsule type instead of per capsule
     detach_routing: bool = False  # stop gradients through u_hat in the inner iterations
     capsule_bias: bool = False  # a learned bias (from 0.1) added to each s_j before the squash (the authors' code)
-    weight_init: float = 0.05  # transformation matrices drawn uniform in +-weight_init
+    weight_init: float = 0.05  # init "default": transformation matrices drawn uniform in +-weight_init
+    init: str = "default"  # default: PyTorch's layer defaults | authors: the authors' code's (see model.py)
     reconstruct: bool = True
     decoder_hidden: tuple[int, ...] = (512, 1024)
 
@@ -41,6 +42,8 @@ class ModelConfig:
             )
         if self.routing_iters < 1:
             raise ValueError("routing_iters must be at least 1")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
 
     @property
     def conv_out(self) -> int:
@@ -119,6 +122,7 @@ class TrainConfig:
 
 
 SCHEDULES = ("exp", "cosine")
+INITS = ("default", "authors")
 COMPILE_MODES = ("layer", "model", "graphs")
 
 
@@ -163,4 +167,5 @@ def recipe_config(name: str = "default", **overrides) -> TrainConfig:
     return TrainConfig(**{**RECIPES[name], **overrides, "recipe": name})
 
 
-__all__ = ["ModelConfig", "TrainConfig", "to_dict", "from_dict", "RECIPES", "SCHEDULES", "COMPILE_MODES", "recipe_config"]
+__all__ = ["ModelConfig", "TrainConfig", "to_dict", "from_dict", "RECIPES", "SCHEDULES", "COMPILE_MODES", "INITS",
+           "recipe_config"]

@@ -37,6 +37,34 @@ class Decoder(nn.Module):
         return self.net(flat).view(-1, *self.shape)
 
 
+def _normal_cut_at_two_std(weight: torch.Tensor, std: float) -> None:
+    nn.init.trunc_normal_(weight, std=std, a=-2.0 * std, b=2.0 * std)
+
+
+@torch.no_grad()
+def authors_init(model: "CapsNet") -> None:
+    """The starting weights of the authors' published code: every weight drawn from a normal cut at
+    two standard deviations (std 0.05 for conv1, 0.1 for the PrimaryCaps convolution, the
+    transformation matrices and the decoder), every bias 0.1 (the capsule bias included).
+
+    On MNIST the default start (PyTorch's layer defaults, matrices uniform in +-0.05) makes the
+    primary capsules about 0.1 long and the digit capsules about 0.002; this one about 0.97 and
+    0.8 (tests/test_model.py holds the order of magnitude).
+    """
+    _normal_cut_at_two_std(model.conv1.weight, 0.05)
+    _normal_cut_at_two_std(model.primary.conv.weight, 0.1)
+    _normal_cut_at_two_std(model.digits.weight, 0.1)
+    layers = [model.conv1, model.primary.conv]
+    if model.decoder is not None:
+        layers += [m for m in model.decoder.net if isinstance(m, nn.Linear)]
+        for m in layers[2:]:
+            _normal_cut_at_two_std(m.weight, 0.1)
+    for m in layers:
+        m.bias.fill_(0.1)
+    if model.digits.bias is not None:
+        model.digits.bias.fill_(0.1)
+
+
 class CapsNet(nn.Module):
     def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
@@ -50,6 +78,8 @@ class CapsNet(nn.Module):
                                 shared=cfg.shared_weights, detach_routing=cfg.detach_routing,
                                 init_range=cfg.weight_init, bias=cfg.capsule_bias)
         self.decoder = Decoder(cfg) if cfg.reconstruct else None
+        if cfg.init == "authors":
+            authors_init(self)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """[b, c, h, w] -> primary capsules [b, i, 8]."""

@@ -66,6 +66,7 @@ def read_run(folder: Path) -> dict:
         "leaky_relu": model.get("leaky_relu"),
         "capsule_bias": model.get("capsule_bias"),
         "weight_init": model.get("weight_init"),
+        "init": model.get("init"),
         "records": records,
     }
 
@@ -128,7 +129,8 @@ def _architecture(r: dict) -> str:
         (["no reconstruction"] if r["reconstruct"] is False else []) + \
         (["shared matrices"] if r["shared_weights"] else []) + (["leaky ReLU"] if r["leaky_relu"] else []) + \
         (["capsule bias"] if r["capsule_bias"] else []) + \
-        ([f"matrices from +-{r['weight_init']:g}"] if r["weight_init"] not in (None, ModelConfig.weight_init) else [])
+        ([f"matrices from +-{r['weight_init']:g}"] if r["weight_init"] not in (None, ModelConfig.weight_init) else []) + \
+        ([f"{r['init']} init"] if r["init"] not in (None, ModelConfig.init) else [])
     return ", ".join(changes) or "paper"
 
 
