@@ -191,7 +191,8 @@ def cmd_train(args) -> int:
 
     dist, device = init_distributed(_device(args))  # under torchrun: this process's rank and device
     train_overrides = {"epochs": args.epoch, "batch_size": args.batchsize, "lr_decay": args.decay, "lr": args.lr,
-                       "recon_weight": args.recon_weight, "seed": args.seed, "limit": args.limit, "val_size": args.val, "dataset": args.dataset,
+                       "recon_weight": args.recon_weight, "seed": args.seed, "limit": args.limit,
+                       "val_size": args.val, "dataset": args.dataset,
                        "precision": args.precision, "test_every_epoch": args.test_every_epoch or None,
                        "compile": args.compile, "schedule": args.schedule, "ema_decay": args.ema,
                        "max_shift": args.shift, "max_rotation": args.rotate, "max_scale": args.scale,

@@ -51,18 +51,13 @@ def authors_init(model: "CapsNet") -> None:
     primary capsules about 0.1 long and the digit capsules about 0.002; this one about 0.97 and
     0.8 (tests/test_model.py holds the order of magnitude).
     """
+    decoder = [m for m in model.decoder.net if isinstance(m, nn.Linear)] if model.decoder is not None else []
     _normal_cut_at_two_std(model.conv1.weight, 0.05)
-    _normal_cut_at_two_std(model.primary.conv.weight, 0.1)
-    _normal_cut_at_two_std(model.digits.weight, 0.1)
-    layers = [model.conv1, model.primary.conv]
-    if model.decoder is not None:
-        layers += [m for m in model.decoder.net if isinstance(m, nn.Linear)]
-        for m in layers[2:]:
-            _normal_cut_at_two_std(m.weight, 0.1)
-    for m in layers:
-        m.bias.fill_(0.1)
-    if model.digits.bias is not None:
-        model.digits.bias.fill_(0.1)
+    for weight in (model.primary.conv.weight, model.digits.weight, *(m.weight for m in decoder)):
+        _normal_cut_at_two_std(weight, 0.1)
+    for bias in (model.conv1.bias, model.primary.conv.bias, model.digits.bias, *(m.bias for m in decoder)):
+        if bias is not None:  # (the capsule bias is optional)
+            bias.fill_(0.1)
 
 
 class CapsNet(nn.Module):
