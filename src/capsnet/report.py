@@ -124,14 +124,15 @@ def _mean_std(values: list[float]) -> str:
 
 
 def _architecture(r: dict) -> str:
-    """The paper's architecture, or what differs from it."""
-    changes = ([f"{r['routing_iters']} routing iterations"] if r["routing_iters"] != 3 else []) + \
-        (["no reconstruction"] if r["reconstruct"] is False else []) + \
-        (["shared matrices"] if r["shared_weights"] else []) + (["leaky ReLU"] if r["leaky_relu"] else []) + \
-        (["capsule bias"] if r["capsule_bias"] else []) + \
-        ([f"matrices from +-{r['weight_init']:g}"] if r["weight_init"] not in (None, ModelConfig.weight_init) else []) + \
-        ([f"{r['init']} init"] if r["init"] not in (None, ModelConfig.init) else [])
-    return ", ".join(changes) or "paper"
+    """The paper's architecture, or what differs from it (settings a config.json lacks: as the paper)."""
+    changes = [(r["routing_iters"] != 3, f"{r['routing_iters']} routing iterations"),
+               (r["reconstruct"] is False, "no reconstruction"),
+               (r["shared_weights"], "shared matrices"),
+               (r["leaky_relu"], "leaky ReLU"),
+               (r["capsule_bias"], "capsule bias"),
+               (r["weight_init"] not in (None, ModelConfig.weight_init), f"matrices from +-{r['weight_init']}"),
+               (r["init"] not in (None, ModelConfig.init), f"{r['init']} init")]
+    return ", ".join(label for differs, label in changes if differs) or "paper"
 
 
 def seeds_table(folders: list[Path]) -> str:
