@@ -49,9 +49,10 @@ struct Layout {
 };
 
 // v = s * sqrt(|s|^2 + eps) / (1 + |s|^2), for each of the J capsules.
-inline void add_bias(float* s, const float* bias, int JD) {
-  if (bias)
-    for (int k = 0; k < JD; ++k) s[k] += bias[k];
+// dst += src over n values; nothing where src is null (no bias).
+inline void add_if(float* dst, const float* src, int64_t n) {
+  if (src)
+    for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
 }
 
 inline void squash(const float* s, float* v, int J, int D) {
@@ -94,7 +95,7 @@ void forward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, const fl
       for (int k = 0; k < J * D; ++k) s[k] += load(u, row + k);
     }
     for (int k = 0; k < J * D; ++k) s[k] /= static_cast<float>(J);
-    add_bias(s.data(), bias, J * D);
+    add_if(s.data(), bias, J * D);
     if (s_save) std::memcpy(s_save + static_cast<int64_t>(b) * J * D, s.data(), sizeof(float) * J * D);
     for (int r = 1; r < R; ++r) {
       squash(s.data(), v.data(), J, D);
@@ -118,7 +119,7 @@ void forward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, const fl
           for (int d = 0; d < D; ++d) s[j * D + d] += cij * load(u, row + j * D + d);
         }
       }
-      add_bias(s.data(), bias, J * D);
+      add_if(s.data(), bias, J * D);
       if (s_save) std::memcpy(s_save + (static_cast<int64_t>(r) * B + b) * J * D, s.data(), sizeof(float) * J * D);
     }
     squash(s.data(), v_out + static_cast<int64_t>(b) * J * D, J, D);
@@ -192,7 +193,7 @@ void forward_avx512(const T* u, Layout L, int B, int I, int R, const float* bias
         for (int j = 0; j < J; ++j) acc[j] = _mm512_add_ps(acc[j], load16(row + j * D));
       }
     for (int j = 0; j < J; ++j) _mm512_store_ps(s + j * D, _mm512_mul_ps(acc[j], _mm512_set1_ps(1.f / J)));
-    add_bias(s, bias, JD);
+    add_if(s, bias, JD);
     if (s_save) std::memcpy(s_save + static_cast<int64_t>(b) * JD, s, sizeof(float) * JD);
     for (int r = 1; r < R; ++r) {
       squash(s, v, J, D);
@@ -220,7 +221,7 @@ void forward_avx512(const T* u, Layout L, int B, int I, int R, const float* bias
           for (int j = 0; j < J; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(c[j]), load16(row + j * D), acc[j]);
         }
       for (int j = 0; j < J; ++j) _mm512_store_ps(s + j * D, acc[j]);
-      add_bias(s, bias, JD);
+      add_if(s, bias, JD);
       if (s_save) std::memcpy(s_save + (static_cast<int64_t>(r) * B + b) * JD, s, sizeof(float) * JD);
     }
     squash(s, v_out + static_cast<int64_t>(b) * JD, J, D);
@@ -250,8 +251,7 @@ void backward_avx512(const T* u, Layout L, int B, int I, int R, const float* c_s
     const int first = detach_inner ? R - 1 : 0;
     for (int r = R - 1; r >= first; --r) {
       squash_backward(s_save + (static_cast<int64_t>(r) * B + b) * JD, gv, ds, J, D);
-      if (grad_bias)
-        for (int k = 0; k < JD; ++k) grad_bias[static_cast<int64_t>(b) * JD + k] += ds[k];
+      if (grad_bias) add_if(grad_bias + static_cast<int64_t>(b) * JD, ds, JD);
       const bool chain = !detach_inner && r >= 1;  // beta^r = beta^(r-1) + u_hat . v^(r-1)
       if (chain) squash(s_save + (static_cast<int64_t>(r - 1) * B + b) * JD, v_prev, J, D);
       __m512 dsj[J], acc[J];
@@ -315,8 +315,7 @@ void backward(const T* u, Layout L, int B, int I, int Jr, int Dr, int R, const f
     for (int r = R - 1; r >= first; --r) {
       const float* s_r = s_save + (static_cast<int64_t>(r) * B + b) * JD;
       squash_backward(s_r, gv.data(), ds.data(), J, D);
-      if (grad_bias)
-        for (int64_t k = 0; k < JD; ++k) grad_bias[b * JD + k] += ds[k];
+      if (grad_bias) add_if(grad_bias + b * JD, ds.data(), JD);
       const bool chain = !detach_inner && r >= 1;  // beta^r = beta^(r-1) + u_hat . v^(r-1)
       if (chain) {
         squash(s_save + (static_cast<int64_t>(r - 1) * B + b) * JD, v_prev.data(), J, D);
