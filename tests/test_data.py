@@ -10,7 +10,7 @@ from capsnet.data import mnist
 import math
 
 from capsnet.config import TrainConfig
-from capsnet.data.augment import affine_warp, augment, random_affine, random_shift
+from capsnet.data.augment import affine_warp, augment, random_affine, random_erase, random_shift
 from capsnet.data.idx import decode_idx, encode_idx
 from capsnet.data.safe_pickle import load_numpy_pickle
 from capsnet.errors import CapsNetError
@@ -160,3 +160,33 @@ def test_augment_keeps_the_paper_shifts_unless_asked_for_more():
     assert torch.equal(warped, random_affine(images, 2, 10.0, 0.0, torch.Generator().manual_seed(3)))
     with pytest.raises(ValueError, match="max_scale"):
         TrainConfig(max_scale=1.5)
+    erased = augment(images, TrainConfig(erase=3), torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # the shifts' draws first, then the squares'
+    assert torch.equal(erased, random_erase(random_shift(images, 2, gen), 3, gen))
+    with pytest.raises(ValueError, match="erase"):
+        TrainConfig(erase=-1)
+
+
+def test_erase_blanks_one_square_per_image_clipped_at_the_edges():
+    n, size = 2000, 4
+    images = torch.rand(n, 2, 10, 12) + 0.5  # no zeros of their own: every zero was erased
+    out = random_erase(images, size, torch.Generator().manual_seed(0))
+    assert torch.equal(out, random_erase(images, size, torch.Generator().manual_seed(0)))
+    blank = out == 0  # [n, 2, 10, 12]
+    assert torch.equal(blank[:, 0], blank[:, 1])  # the same square in every channel
+    assert torch.equal(out[~blank], images[~blank])  # nothing else changes
+    rows, cols = blank[:, 0].any(dim=2), blank[:, 0].any(dim=1)  # [n, 10], [n, 12]
+    assert rows.any(dim=1).all()  # every image loses some pixels ...
+    # ... in one block of whole rows and columns, at most size x size, fewer only at an edge
+    assert torch.equal(blank[:, 0], rows[:, :, None] & cols[:, None, :])
+    for hits, length in ((rows, 10), (cols, 12)):
+        count, first = hits.sum(dim=1), hits.float().argmax(dim=1)
+        last = length - 1 - hits.flip(1).float().argmax(dim=1)
+        assert torch.equal(last - first + 1, count) and (count <= size).all()
+        assert ((count == size) | (first == 0) | (last == length - 1)).all()
+        # the centre pixel is uniform over all `length` places; a square from (centre - 2) to (centre + 1)
+        # is whole for length - 3 of them and clipped (2, 3 or 3 pixels left) for the other three
+        centre = torch.where(first == 0, last - 1, first + 2)
+        assert torch.bincount(centre, minlength=length).min() > n / length * 0.7
+        assert (count == size).float().mean() == pytest.approx((length - 3) / length, abs=0.04)
+    assert torch.equal(random_erase(images, 0), images)

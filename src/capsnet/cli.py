@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also rotate each training image at random by up to DEG degrees (default 0: not in the paper)")
     t.add_argument("--scale", type=_fraction, default=None, metavar="FRAC",
                    help="also scale each training image at random by 1 +- FRAC (default 0: not in the paper)")
+    t.add_argument("--erase", type=_non_negative, default=None, metavar="PIXELS",
+                   help="also blank a PIXELS x PIXELS square at a random place in each training image "
+                        "(default 0: not in the paper)")
     t.add_argument("--freeze-conv1-after", type=_non_negative, default=None, metavar="EPOCHS",
                    help="stop training conv1 after this many epochs (later steps are faster; default 0: never)")
     t.add_argument("--schedule", choices=SCHEDULES, default=None,
@@ -196,6 +199,7 @@ def cmd_train(args) -> int:
                        "precision": args.precision, "test_every_epoch": args.test_every_epoch or None,
                        "compile": args.compile, "schedule": args.schedule, "ema_decay": args.ema,
                        "max_shift": args.shift, "max_rotation": args.rotate, "max_scale": args.scale,
+                       "erase": args.erase,
                        "compile_mode": args.compile_mode, "freeze_conv1_after": args.freeze_conv1_after}
     train_overrides = {k: v for k, v in train_overrides.items() if v is not None}
     model_overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}

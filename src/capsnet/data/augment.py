@@ -1,5 +1,6 @@
 """Training augmentation, drawn independently for each image, on whatever device the images are:
-whole-pixel shifts (the paper's), or small random affine warps (rotation, scale, shift)."""
+whole-pixel shifts (the paper's), or small random affine warps (rotation, scale, shift), and
+optionally a blanked-out square (not in the paper)."""
 from __future__ import annotations
 
 import math
@@ -57,9 +58,29 @@ def random_affine(images: torch.Tensor, max_shift: float, max_rotation: float, m
                        torch.stack([u[2], u[3]], dim=1) * max_shift)
 
 
+def random_erase(images: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Set a size x size square of each image to zero, its centre pixel uniform over the whole image
+    (so near an edge only part of the square falls inside): "cutout" (DeVries and Taylor, 2017).
+
+    images: [b, c, h, w] -> [b, c, h, w]; the centres are drawn from `generator`.
+    """
+    if size <= 0:
+        return images
+    b, c, h, w = images.shape
+    centres = torch.rand(2, b, generator=generator, device=images.device)  # [2, b], uniform in [0, 1)
+    top = (centres[0] * h).long() - size // 2  # [b], may be negative: the square is clipped
+    left = (centres[1] * w).long() - size // 2
+    rows = torch.arange(h, device=images.device)[None, :] - top[:, None]  # [b, h]
+    cols = torch.arange(w, device=images.device)[None, :] - left[:, None]  # [b, w]
+    inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]  # [b, h, w]
+    return images.masked_fill(inside[:, None], 0.0)
+
+
 def augment(images: torch.Tensor, cfg, generator: torch.Generator | None = None) -> torch.Tensor:
     """The training augmentation a TrainConfig asks for: whole-pixel shifts alone (the paper's) unless
-    it sets a rotation or scale range, then random_affine."""
+    it sets a rotation or scale range, then random_affine; then a blanked square if it sets one."""
     if cfg.max_rotation > 0 or cfg.max_scale > 0:
-        return random_affine(images, cfg.max_shift, cfg.max_rotation, cfg.max_scale, generator)
-    return random_shift(images, cfg.max_shift, generator)
+        images = random_affine(images, cfg.max_shift, cfg.max_rotation, cfg.max_scale, generator)
+    else:
+        images = random_shift(images, cfg.max_shift, generator)
+    return random_erase(images, cfg.erase, generator)
