@@ -15,6 +15,11 @@
 #   models, VIS=0 the pictures and the model copy (screening many short runs on validation):
 #       PARALLEL=6 EVALUATE=0 VIS=0 BENCH=none JOBS=$'f-s1 --recipe fast -s 1\n...' bash tools/device_runs.sh
 #   JOBS=none BENCH=$'-b 64\n-b 64 --compile-mode graphs' bash tools/device_runs.sh   # the bench alone
+#   Runs longer than one call: GUARD=0 lets every run go on to DEADLINE (no early stops), and a second
+#   call on the still-warm machine (issued at once: it is given back after ~30 s idle) continues them
+#   from their last finished epoch with RESUME=1 and the same JOBS (the flags are the runs' own then):
+#       GUARD=0 DEADLINE=520 EVALUATE=0 VIS=0 BENCH=none JOBS="$(cat tools/jobs/F)" bash tools/device_runs.sh
+#       RESUME=1 JOBS="$(cat tools/jobs/F)" bash tools/device_runs.sh
 #   Pace of 50-epoch default-recipe runs side by side (bf16, batch 64; 2026-11-26): on an H200, three
 #   at ~10,000 img/s each, 5.1 min; on an H100, one alone ~9,000 img/s, two ~8,000 each (6.3 min),
 #   three ~7,200 each (about 7 min: give DEADLINE 460 or more), four ~6,000 each (too slow for one call).
@@ -51,11 +56,19 @@ done <<< "$JOBS"
 PARALLEL=${PARALLEL:-${#NAMES[@]}}
 MIN_LEFT=${MIN_LEFT:-120}  # queue: a job is started only while this many seconds are left before DEADLINE
 start_job() {
+  if [ "${RESUME:-0}" = 1 ]; then  # continue $RUNS/NAME where its last finished epoch left it
+    # shellcheck disable=SC2086
+    python3 -m capsnet train --device "$DEVICE" --resume "$RUNS/$1" $EXTRA >> "$RUNS/train-$1.log" 2>&1 &
+    PID[$1]=$!
+    echo "[$(elapsed) s] resumed $1 after $(epochs_done "$1") epochs"
+    return
+  fi
   # shellcheck disable=SC2086
   python3 -m capsnet train --device "$DEVICE" --save "$RUNS/$1" --force ${FLAGS[$1]} > "$RUNS/train-$1.log" 2>&1 &
   PID[$1]=$!
   echo "[$(elapsed) s] started $1: capsnet train ${FLAGS[$1]}"
 }
+epochs_done() { [ -f "$RUNS/$1/metrics.jsonl" ] && wc -l < "$RUNS/$1/metrics.jsonl" || echo 0; }
 running() { local k=0 n; for n in "${!PID[@]}"; do kill -0 "${PID[$n]}" 2>/dev/null && k=$((k + 1)); done; echo $k; }
 start_pending() {
   while (( ${#PENDING[@]} > 0 && $(running) < PARALLEL )); do
@@ -65,7 +78,6 @@ start_pending() {
 }
 start_pending
 
-epochs_done() { [ -f "$RUNS/$1/metrics.jsonl" ] && wc -l < "$RUNS/$1/metrics.jsonl" || echo 0; }
 total_epochs() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['train']['epochs'])" "$RUNS/$1/config.json" 2>/dev/null || echo 0; }
 last_report=0; last_kill=-1000
 while :; do
@@ -83,14 +95,15 @@ while :; do
     [ ${#alive[@]} -eq 0 ] && { sleep 2; continue; }
     lead=${alive[0]}
     left=$(python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-2:]; print(round((int(sys.argv[2])-r[1]['epoch'])*(r[1]['elapsed']-r[0]['elapsed'])) if len(r)==2 else -1)" "$RUNS/$lead/metrics.jsonl" "$(total_epochs "$lead")" 2>/dev/null || echo -1)
-    if (( ${#PENDING[@]} == 0 && ${#alive[@]} > 1 && left >= 0 && now - last_kill > 60 && now + left > DEADLINE )); then
+    if (( ${GUARD:-1} == 1 && ${#PENDING[@]} == 0 && ${#alive[@]} > 1 && left >= 0 && now - last_kill > 60 && now + left > DEADLINE )); then
       victim=${alive[-1]}; last_kill=$now
       echo "[$now s] $lead projected to end at $((now + left))s > ${DEADLINE}s: stopping $victim"; kill "${PID[$victim]}"
     fi
   fi
   sleep 2
 done
-[ ${#PID[@]} -gt 0 ] && wait "${PID[@]}" 2>/dev/null  # (a bare wait would also wait for the tee above)
+# shellcheck disable=SC2086
+[ -n "${PID[*]:-}" ] && wait ${PID[*]} 2>/dev/null  # (a bare wait would also wait for the tee above)
 echo "[$(elapsed) s] training over"
 
 EVAL=()
