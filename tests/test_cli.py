@@ -109,11 +109,12 @@ def test_capsule_bias_is_trained_saved_and_evaluated(tmp_path, mnist, capsys):
 
     run = tmp_path / "biased"
     code, _, _ = run_cli(capsys, "train", "-e", "1", "--limit", "192", "--val", "64", "-b", "64", "--capsule-bias",
-                         "--recon-weight", "0.001", "--init", "authors", "--erase", "6", "--save", str(run), "-q",
+                         "--recon-weight", "0.001", "--init", "authors", "--erase", "6", "--fp32-routing", "--save", str(run), "-q",
                          "--device", "cpu")
     assert code == 0
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["capsule_bias"] is True and config["model"]["init"] == "authors"
+    assert config["model"]["fp32_routing"] is True
     assert config["train"]["recon_weight"] == 0.001 and config["train"]["erase"] == 6
     bias = load_model(run / "final.pt").digits.bias
     assert bias.shape == (10, 16) and not torch.allclose(bias, torch.full_like(bias, 0.1))  # trained from 0.1

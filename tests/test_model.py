@@ -137,3 +137,22 @@ def test_the_authors_start_is_their_normals_and_biases_and_gives_long_capsules(m
     x = mnist.train_images[:32].float().div(255)
     with torch.no_grad():
         assert default(x).lengths.mean() < 0.01 < 0.5 < authors(x).lengths.mean()
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_fp32_routing_keeps_the_predictions_and_the_routing_in_float32_under_bf16(use_kernel):
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(conv_channels=16, primary_types=4)
+    paper, fp32 = CapsNet(cfg), CapsNet(replace(cfg, fp32_routing=True))
+    fp32.load_state_dict(paper.state_dict())
+    paper.digits.use_kernel = fp32.digits.use_kernel = use_kernel
+    primary = (torch.rand(4, cfg.num_primary, 8) - 0.5).bfloat16()  # [b, i, 8] as bf16 autocast leaves them
+    with torch.no_grad():
+        exact = paper.route(primary.float())  # [b, j, 16] everything in float32, no autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded, kept = paper.route(primary), fp32.route(primary)
+    scale = exact.abs().max()
+    assert (rounded - exact).abs().max() > 1e-4 * scale  # bf16 u_hat: about three significant digits
+    assert (kept - exact).abs().max() < 1e-6 * scale

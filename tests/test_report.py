@@ -58,12 +58,14 @@ def test_report_without_runs_is_one_line(tmp_path, capsys):
 
 def _fake_run(folder: Path, seed: int, test_acc: float, final_acc: float | None, shared: bool = False,
               capsule_bias: bool | None = None, weight_init: float | None = None, init: str | None = None,
-              **train):
+              fp32_routing: bool | None = None, **train):
     """The three small files of a finished 2-epoch run, as docs/results keeps them (capsule_bias,
-    weight_init, init None: a config.json from before those settings were recorded, without the key)."""
+    weight_init, init, fp32_routing None: a config.json from before those settings were recorded,
+    without the key)."""
     folder.mkdir(parents=True)
     model = {"routing_iters": 3, "reconstruct": True, "shared_weights": shared, "leaky_relu": False}
-    for key, value in (("capsule_bias", capsule_bias), ("weight_init", weight_init), ("init", init)):
+    for key, value in (("capsule_bias", capsule_bias), ("weight_init", weight_init), ("init", init),
+                       ("fp32_routing", fp32_routing)):
         if value is not None:
             model[key] = value
     config = {"device_name": "cpu", "precision": "bf16", "argv": ["train", "-s", str(seed)],
@@ -85,7 +87,8 @@ def test_seeds_are_pooled_per_recipe_and_architecture(tmp_path, capsys):
     _fake_run(tmp_path / "d", 1, 0.9890, 0.9900, shared=True)
     _fake_run(tmp_path / "e", 1, 0.9970, 0.9970, capsule_bias=True)
     _fake_run(tmp_path / "f", 4, 0.9956, 0.9960, capsule_bias=False, weight_init=0.05)  # pooled with a-c
-    _fake_run(tmp_path / "g", 1, 0.9950, 0.9950, capsule_bias=True, weight_init=0.15, init="authors")
+    _fake_run(tmp_path / "g", 1, 0.9950, 0.9950, capsule_bias=True, weight_init=0.15, init="authors",
+              fp32_routing=True)
     assert main(["report", "--seeds", *(str(tmp_path / n) for n in "abcdefg")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 6
@@ -94,8 +97,8 @@ def test_seeds_are_pooled_per_recipe_and_architecture(tmp_path, capsys):
                       "99.64 +- 0.04% (n=3) |")
     assert out[3] == "| default | shared matrices | 2 | 64, bf16 | cpu | 1 | 98.90% (n=1) | 99.00% (n=1) |"
     assert out[4] == "| default | capsule bias | 2 | 64, bf16 | cpu | 1 | 99.70% (n=1) | 99.70% (n=1) |"
-    assert out[5] == ("| default | capsule bias, matrices from +-0.15, authors init | 2 | 64, bf16 | cpu | 1 | 99.50% (n=1) | "
-                      "99.50% (n=1) |")
+    assert out[5] == ("| default | capsule bias, float32 routing, matrices from +-0.15, authors init | 2 | 64, bf16 | cpu | 1 | "
+                      "99.50% (n=1) | 99.50% (n=1) |")
 
 
 def test_runs_whose_flags_changed_the_recipe_are_pooled_apart(tmp_path, capsys):

@@ -11,7 +11,7 @@ from .errors import CapsNetError
 
 # Model flags: None means "not given", so --resume can tell a conflicting flag from a default.
 MODEL_FLAGS = {"routing_iters": "--routing-iters", "shared_weights": "--shared-weights",
-               "leaky_relu": "--leaky-relu", "detach_routing": "--detach-routing",
+               "leaky_relu": "--leaky-relu", "detach_routing": "--detach-routing", "fp32_routing": "--fp32-routing",
                "capsule_bias": "--capsule-bias", "init": "--init", "reconstruct": "--no-reconstruct"}
 # Settings a resumed run may change: they don't alter what the run computes.
 RESUMABLE = ("epochs", "test_every_epoch", "compile", "compile_mode")
@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--leaky-relu", action="store_const", const=True, default=None, help="leaky ReLU (0.05) after conv1")
     t.add_argument("--detach-routing", action="store_const", const=True, default=None,
                    help="no gradient through u_hat in the inner routing iterations")
+    t.add_argument("--fp32-routing", action="store_const", const=True, default=None,
+                   help="the predictions u_hat and the routing in float32 under bf16 (the convolutions stay bf16)")
     t.add_argument("--capsule-bias", action="store_const", const=True, default=None,
                    help="a learned bias (from 0.1) added to each digit capsule before the squash (the authors' "
                         "published code; not in the paper)")

@@ -28,6 +28,7 @@ class ModelConfig:
     routing_iters: int = 3
     shared_weights: bool = False  # one matrix per capsule type instead of per capsule
     detach_routing: bool = False  # stop gradients through u_hat in the inner iterations
+    fp32_routing: bool = False  # u_hat and the routing in float32 even under bf16 autocast (the convolutions stay bf16)
     capsule_bias: bool = False  # a learned bias (from 0.1) added to each s_j before the squash (the authors' code)
     weight_init: float = 0.05  # init "default": transformation matrices drawn uniform in +-weight_init
     init: str = "default"  # default: PyTorch's layer defaults | authors: the authors' code's (see model.py)

@@ -85,7 +85,14 @@ class CapsNet(nn.Module):
         return self.primary(h)
 
     def route(self, primary: torch.Tensor) -> torch.Tensor:
-        """[b, i, 8] -> digit capsules [b, j, 16], in float32 whatever the autocast."""
+        """[b, i, 8] -> digit capsules [b, j, 16], in float32 whatever the autocast.
+
+        Under bf16 autocast the predictions u_hat = W u are bf16 (about 3 significant digits)
+        unless cfg.fp32_routing, which computes them, and routes them, in float32.
+        """
+        if self.cfg.fp32_routing:
+            with torch.autocast(primary.device.type, enabled=False):
+                return self.digits(primary.float())
         return self.digits(primary).float()
 
     def reconstruct(self, poses: torch.Tensor, select: torch.Tensor) -> torch.Tensor:

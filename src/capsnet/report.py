@@ -65,6 +65,7 @@ def read_run(folder: Path) -> dict:
         "shared_weights": model.get("shared_weights"),
         "leaky_relu": model.get("leaky_relu"),
         "capsule_bias": model.get("capsule_bias"),
+        "fp32_routing": model.get("fp32_routing"),
         "weight_init": model.get("weight_init"),
         "init": model.get("init"),
         "records": records,
@@ -130,6 +131,7 @@ def _architecture(r: dict) -> str:
                (r["shared_weights"], "shared matrices"),
                (r["leaky_relu"], "leaky ReLU"),
                (r["capsule_bias"], "capsule bias"),
+               (r["fp32_routing"], "float32 routing"),
                (r["weight_init"] not in (None, ModelConfig.weight_init), f"matrices from +-{r['weight_init']}"),
                (r["init"] not in (None, ModelConfig.init), f"{r['init']} init")]
     return ", ".join(label for differs, label in changes if differs) or "paper"
