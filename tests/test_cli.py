@@ -104,6 +104,11 @@ def test_resume_cannot_add_a_capsule_bias(trained_run, capsys):
     assert_one_line_error(code, err, "capsule_bias=False", "--capsule-bias")
 
 
+def test_resume_cannot_switch_the_routing_to_float32(trained_run, capsys):
+    code, _, err = run_cli(capsys, "train", "--resume", str(trained_run), "--fp32-routing")
+    assert_one_line_error(code, err, "fp32_routing=False", "--[no-]fp32-routing asks for True")
+
+
 def test_capsule_bias_is_trained_saved_and_evaluated(tmp_path, mnist, capsys):
     from capsnet.checkpoint import load_model
 
@@ -121,6 +126,16 @@ def test_capsule_bias_is_trained_saved_and_evaluated(tmp_path, mnist, capsys):
     summary = json.loads((run / "summary.json").read_text())
     code, out, _ = run_cli(capsys, "evaluate", "--load", str(run / "final.pt"), "--device", "cpu")
     assert code == 0 and f"({summary['final_test_errors']} errors" in out
+
+
+@pytest.mark.parametrize("flags,expected", [([], True), (["--no-fp32-routing"], False)])
+def test_the_fast_recipe_routes_in_float32_unless_told_not_to(tmp_path, mnist, capsys, flags, expected):
+    run = tmp_path / "fast"
+    code, _, _ = run_cli(capsys, "train", "--recipe", "fast", "-e", "1", "--limit", "128", "--val", "64", "-b", "64",
+                         *flags, "--save", str(run), "-q", "--device", "cpu")
+    assert code == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["recipe"] == "fast" and config["model"]["fp32_routing"] is expected
 
 
 def test_resume_keeps_a_cosine_schedule_s_length(trained_run, capsys):

@@ -6,7 +6,7 @@ from torch import nn
 
 from capsnet.averaging import WeightAverage
 from capsnet.checkpoint import load_checkpoint
-from capsnet.config import RECIPES, TrainConfig, recipe_config
+from capsnet.config import RECIPES, ModelConfig, TrainConfig, recipe_config, recipe_model_settings
 from capsnet.train import configs_from_state, fit, learning_rate, prepare_run_dir
 
 from conftest import small_model_config
@@ -55,12 +55,23 @@ def test_recipes_and_overrides():
         (256, "exp", 0.95, 0.0, 2)
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe_config("nope")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipe_model_settings("nope")
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="linear")
     for bad, match in [({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch_size"), ({"lr": 0.0}, "lr must"),
                        ({"lr": -1e-3}, "lr must"), ({"lr_decay": 0.0}, "lr_decay"), ({"lr_decay": 1.5}, "lr_decay")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad)
+
+
+def test_each_recipe_names_only_real_model_settings_and_fast_routes_in_float32():
+    for name in RECIPES:
+        ModelConfig(**recipe_model_settings(name))  # an unknown field would raise TypeError
+    assert recipe_model_settings("fast") == {"fp32_routing": True}
+    assert recipe_model_settings("default") == {} and not ModelConfig().fp32_routing
+    recipe_model_settings("fast")["fp32_routing"] = False  # a copy: the table itself stays as it is
+    assert recipe_model_settings("fast")["fp32_routing"] is True
 
 
 def test_with_averaging_model_pt_holds_the_average_and_last_pt_both(tmp_path, tiny_data):

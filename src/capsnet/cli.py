@@ -11,7 +11,7 @@ from .errors import CapsNetError
 
 # Model flags: None means "not given", so --resume can tell a conflicting flag from a default.
 MODEL_FLAGS = {"routing_iters": "--routing-iters", "shared_weights": "--shared-weights",
-               "leaky_relu": "--leaky-relu", "detach_routing": "--detach-routing", "fp32_routing": "--fp32-routing",
+               "leaky_relu": "--leaky-relu", "detach_routing": "--detach-routing", "fp32_routing": "--[no-]fp32-routing",
                "capsule_bias": "--capsule-bias", "init": "--init", "reconstruct": "--no-reconstruct"}
 # Settings a resumed run may change: they don't alter what the run computes.
 RESUMABLE = ("epochs", "test_every_epoch", "compile", "compile_mode")
@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--leaky-relu", action="store_const", const=True, default=None, help="leaky ReLU (0.05) after conv1")
     t.add_argument("--detach-routing", action="store_const", const=True, default=None,
                    help="no gradient through u_hat in the inner routing iterations")
-    t.add_argument("--fp32-routing", action="store_const", const=True, default=None,
-                   help="the predictions u_hat and the routing in float32 under bf16 (the convolutions stay bf16)")
+    t.add_argument("--fp32-routing", action=argparse.BooleanOptionalAction, default=None,
+                   help="the predictions u_hat and the routing in float32 under bf16 (the convolutions stay bf16; "
+                        "default: on in the fast recipe, off in the others)")
     t.add_argument("--capsule-bias", action="store_const", const=True, default=None,
                    help="a learned bias (from 0.1) added to each digit capsule before the squash (the authors' "
                         "published code; not in the paper)")
@@ -189,7 +190,7 @@ def cmd_train(args) -> int:
 
     import torch.distributed
 
-    from .config import recipe_config
+    from .config import recipe_config, recipe_model_settings
     from .data import load_dataset
     from .runtime import close_distributed, init_distributed
     from .train import configs_from_state, fit, model_config_for, prepare_run_dir, resume_state
@@ -237,7 +238,7 @@ def cmd_train(args) -> int:
     if dist.world > 1 and dist.is_main:
         torch.distributed.barrier()
     if state is None:
-        model_cfg = model_config_for(data, **model_overrides)
+        model_cfg = model_config_for(data, **{**recipe_model_settings(cfg.recipe), **model_overrides})
     fit(model_cfg, cfg, data, run_dir, device, resume=state, argv=sys.argv[1:], verbose=not args.quiet, dist=dist)
     close_distributed()
     if args.visualize and dist.is_main:
