@@ -6,7 +6,7 @@ from torch import nn
 
 from capsnet.averaging import WeightAverage
 from capsnet.checkpoint import load_checkpoint
-from capsnet.config import RECIPES, ModelConfig, TrainConfig, recipe_config, recipe_model_settings
+from capsnet.config import RECIPE_MODELS, RECIPES, ModelConfig, TrainConfig, recipe_config, recipe_model_settings
 from capsnet.train import configs_from_state, fit, learning_rate, prepare_run_dir
 
 from conftest import small_model_config
@@ -66,6 +66,7 @@ def test_recipes_and_overrides():
 
 
 def test_each_recipe_names_only_real_model_settings_and_fast_routes_in_float32():
+    assert set(RECIPE_MODELS) <= set(RECIPES)  # a misspelt recipe there would be ignored
     for name in RECIPES:
         ModelConfig(**recipe_model_settings(name))  # an unknown field would raise TypeError
     assert recipe_model_settings("fast") == {"fp32_routing": True}
