@@ -73,6 +73,25 @@ def test_bench_times_steps_with_conv1_frozen(monkeypatch):
     assert result["conv1"] == "frozen" and "conv1 frozen" in format_table([result])
 
 
+def test_bench_times_float32_routing_when_asked(monkeypatch):
+    dtypes = []
+    real = DigitCaps.grouped_predictions
+
+    def spy(self, u):
+        out = real(self, u)
+        dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(DigitCaps, "grouped_predictions", spy)
+    for fp32_routing, expected in ((False, torch.bfloat16), (True, torch.float32)):
+        dtypes.clear()
+        result = run_bench(torch.device("cpu"), precision="bf16", batch=2, steps=1, warmup=0, compile=False,
+                           fp32_routing=fp32_routing)
+        assert dtypes and set(dtypes) == {expected}  # u_hat, in training and inference steps alike
+        assert result["fp32_routing"] is fp32_routing
+        assert ("fp32 routing" in format_table([result])) is fp32_routing
+
+
 def test_bench_command_prints_one_json_line(capsys):
     assert main(["bench", "--json", "-b", "2", "--steps", "1", "--warmup", "0", "--no-compile", "--baseline",
                  "--device", "cpu"]) == 0

@@ -48,15 +48,16 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128, steps: int = 10,
               warmup: int = 3, compile: bool = True, compile_mode: str = "layer", baseline: bool = False,
-              frozen_conv1: bool = False, seed: int = 0) -> dict:
+              frozen_conv1: bool = False, fp32_routing: bool = False, seed: int = 0) -> dict:
     """Time training and inference (classification: no decoder). baseline=True measures the plain
     formulation this project started from (library convolution gradients, routing as PyTorch
     operations, no compilation, unfused Adam, glibc's default allocator settings) for comparison.
-    frozen_conv1=True times the steps after `train --freeze-conv1-after` has frozen conv1."""
+    frozen_conv1=True times the steps after `train --freeze-conv1-after` has frozen conv1;
+    fp32_routing=True builds the model as `train --fp32-routing` does (u_hat and routing in float32)."""
     precision = resolve_precision(precision, device)
     configure(device, precision, keep_memory=not baseline)
     torch.manual_seed(seed)
-    model = CapsNet(ModelConfig()).to(device)
+    model = CapsNet(ModelConfig(fp32_routing=fp32_routing)).to(device)
     model.conv1.requires_grad_(not frozen_conv1)
     if baseline:
         model.primary.gemm_weight_grad = False
@@ -97,7 +98,7 @@ def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128
             "precision": precision, "batch": batch, "threads": torch.get_num_threads(), "device": str(device),
             "device_name": describe(device), "torch": torch.__version__, "routing": routing,
             "compile": compile_mode if compile else "off", "formulation": "baseline" if baseline else "capsnet",
-            "conv1": "frozen" if frozen_conv1 else "trains"}
+            "conv1": "frozen" if frozen_conv1 else "trains", "fp32_routing": fp32_routing}
 
 
 def run_in_subprocess(args: list[str]) -> dict:
@@ -109,12 +110,13 @@ def run_in_subprocess(args: list[str]) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'formulation':<21} {'precision':<9} {'batch':>5} {'train img/s':>11} {'eval img/s':>10} " \
+    head = f"{'formulation':<36} {'precision':<9} {'batch':>5} {'train img/s':>11} {'eval img/s':>10} " \
            f"{'step ms':>8} {'peak MiB':>9}  device"
     lines = [head]
     for r in rows:
-        name = r["formulation"] + (", conv1 frozen" if r.get("conv1") == "frozen" else "")
-        lines.append(f"{name:<21} {r['precision']:<9} {r['batch']:>5} {r['train_img_s']:>11.1f} "
+        name = r["formulation"] + (", conv1 frozen" if r.get("conv1") == "frozen" else "") + \
+            (", fp32 routing" if r.get("fp32_routing") else "")
+        lines.append(f"{name:<36} {r['precision']:<9} {r['batch']:>5} {r['train_img_s']:>11.1f} "
                      f"{r['eval_img_s']:>10.1f} {r['train_step_ms']:>8.1f} {r['peak_mem_mb']:>9.0f}  "
                      f"{r['device_name']}")
     return "\n".join(lines)

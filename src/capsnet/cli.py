@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="baseline and capsnet at fp32 and the default precision, each in its own process")
     b.add_argument("--frozen-conv1", action="store_true",
                    help="time training steps with conv1 frozen (as after train --freeze-conv1-after)")
+    b.add_argument("--fp32-routing", action="store_true",
+                   help="u_hat and the routing in float32 under bf16, as train --fp32-routing")
     b.add_argument("--json", action="store_true", help="one JSON line")
     _device_args(b)
 
@@ -298,7 +300,7 @@ def cmd_bench(args) -> int:
         return 0
     result = run_bench(device, precision=args.precision or "auto", batch=args.batchsize, steps=args.steps,
                        warmup=args.warmup, compile=args.compile, compile_mode=args.compile_mode,
-                       baseline=args.baseline, frozen_conv1=args.frozen_conv1)
+                       baseline=args.baseline, frozen_conv1=args.frozen_conv1, fp32_routing=args.fp32_routing)
     print(json.dumps(result) if args.json else format_table([result]))
     return 0
 
