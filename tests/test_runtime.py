@@ -13,8 +13,9 @@ import resource, sys, torch
 from capsnet.runtime import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
-def churn():  # like a training step: several 20 MB tensors alive at once, then all freed
-    blocks = [torch.ones(5_000_000) for _ in range(4)]
+size = int(sys.argv[2])
+def churn():  # like a training step: several large tensors alive at once, then all freed
+    blocks = [torch.ones(size) for _ in range(4)]
     del blocks
 for _ in range(3):
     churn()
@@ -31,14 +32,16 @@ def test_keeping_freed_memory_avoids_page_faults():
     # history and the baseline would sometimes happen to keep the blocks too.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
 
-    def faults(mode):
-        out = subprocess.run([sys.executable, "-c", CHURN, mode], capture_output=True, text=True, check=True,
-                             env=env)
+    def faults(mode, size):
+        out = subprocess.run([sys.executable, "-c", CHURN, mode, str(size)], capture_output=True, text=True,
+                             check=True, env=env)
         return int(out.stdout.strip())
 
-    default, kept = faults("default"), faults("keep")
-    assert default > 10 * 4000  # freed blocks come back as fresh pages (~4,900 per 20 MB block)
-    assert kept < default / 10
+    # 20 MB blocks, and 48 MB ones: above the largest mmap threshold glibc accepts (32 MB)
+    for size in (5_000_000, 12_000_000):
+        default, kept = faults("default", size), faults("keep", size)
+        assert default > 10 * 4000 * size / 5_000_000  # freed blocks come back as fresh pages (~4,900 per 20 MB)
+        assert kept < default / 10, (size, default, kept)
 
 
 def test_precision_auto_and_explicit():
