@@ -7,7 +7,8 @@
 // as tensor operations that is a dozen passes over memory, forward and backward. Here one image
 // is routed at a time, its u_hat block (368 KB in bf16) stays in the core's cache for all
 // iterations, and each iteration is a single pass: agreement, softmax over the parents j and
-// the weighted sum for the next s_j are done together for each input capsule i.
+// the weighted sum for the next s_j are done together for each input capsule i. The AVX-512
+// backward keeps two scalars per (i, j) and iteration and writes d u_hat in one last pass.
 //
 // Indices: b batch, i input capsule, j output capsule, d dimension. Row (b, i) of u_hat, its
 // J x D predictions, starts at b*sb + (i / P)*st + (i % P)*sp (P > 1 when matrices are shared
@@ -16,6 +17,7 @@
 // bias (J x D, or null) is added to every s_j before it is squashed, in every iteration; the
 // saved s include it. Its gradient comes out per image (B x J x D: no two threads write one
 // row), summed over the iterations; the caller sums over the batch.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -237,67 +239,86 @@ inline void store16(uint16_t* p, __m512 x) {  // 16 f32 -> 16 bf16, round to nea
 }
 
 // The backward pass of forward_avx512, the scalar backward's arithmetic in the same order.
+//
+// d u_hat_j|i is a sum over the iterations r of c^r_ij ds^r_j (from s_j = sum_i c_ij u_hat_j|i)
+// and, where the logits chain, gbeta^r_ij v^(r-1)_j (from the agreement u_hat . v^(r-1)): small
+// per-image vectors (ds, v) times two scalars per (i, j). So the passes over the iterations keep
+// only those scalars (gbeta per iteration) and one last pass per input capsule sums the terms in
+// registers and writes d u_hat once: no I x J x D buffer read and written in every iteration.
 template <typename T, int J>
 void backward_avx512(const T* u, Layout L, int B, int I, int R, const float* c_save, const float* s_save,
                      const float* grad_v, T* grad_u, float* grad_bias, bool detach_inner, int threads) {
   constexpr int D = 16, JD = J * D;
   const __mmask16 parents = static_cast<__mmask16>((1u << J) - 1);
   const int64_t groups = I / L.P;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int b = 0; b < B; ++b) {
-    std::vector<float> du(static_cast<size_t>(I) * JD, 0.f), gbeta(static_cast<size_t>(I) * 16, 0.f);
-    alignas(64) float gv[JD], gv_prev[JD], ds[JD], v_prev[JD], cs[16], gbs[16];
-    std::memcpy(gv, grad_v + static_cast<int64_t>(b) * JD, sizeof(float) * JD);
-    const int first = detach_inner ? R - 1 : 0;
-    for (int r = R - 1; r >= first; --r) {
-      squash_backward(s_save + (static_cast<int64_t>(r) * B + b) * JD, gv, ds, J, D);
-      if (grad_bias) add_if(grad_bias + static_cast<int64_t>(b) * JD, ds, JD);
-      const bool chain = !detach_inner && r >= 1;  // beta^r = beta^(r-1) + u_hat . v^(r-1)
-      if (chain) squash(s_save + (static_cast<int64_t>(r - 1) * B + b) * JD, v_prev, J, D);
-      __m512 dsj[J], acc[J];
-      for (int j = 0; j < J; ++j) {
-        dsj[j] = _mm512_load_ps(ds + j * D);
-        acc[j] = _mm512_setzero_ps();
+  const int first = detach_inner ? R - 1 : 0;
+#pragma omp parallel num_threads(threads)
+  {
+    // Per thread, reused for each of its images: gbeta (running) and its value after each
+    // chained iteration; ds^r and v^(r-1) of every iteration.
+    std::vector<float> gbeta(static_cast<size_t>(I) * 16), gb_hist(static_cast<size_t>(R) * I * 16);
+    std::vector<float> ds_hist(static_cast<size_t>(R) * JD), vprev_hist(static_cast<size_t>(R) * JD);
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; ++b) {
+      alignas(64) float gv[JD], gbs[16];
+      std::memcpy(gv, grad_v + static_cast<int64_t>(b) * JD, sizeof(float) * JD);
+      std::fill(gbeta.begin(), gbeta.end(), 0.f);
+      for (int r = R - 1; r >= first; --r) {
+        float* ds = ds_hist.data() + static_cast<int64_t>(r) * JD;
+        squash_backward(s_save + (static_cast<int64_t>(r) * B + b) * JD, gv, ds, J, D);
+        if (grad_bias) add_if(grad_bias + static_cast<int64_t>(b) * JD, ds, JD);
+        const bool chain = !detach_inner && r >= 1;  // beta^r = beta^(r-1) + u_hat . v^(r-1)
+        if (!chain) continue;  // this iteration's c^r ds^r term is summed in the last pass
+        float* v_prev = vprev_hist.data() + static_cast<int64_t>(r) * JD;
+        squash(s_save + (static_cast<int64_t>(r - 1) * B + b) * JD, v_prev, J, D);
+        __m512 dsj[J], acc[J];
+        for (int j = 0; j < J; ++j) {
+          dsj[j] = _mm512_loadu_ps(ds + j * D);
+          acc[j] = _mm512_setzero_ps();
+        }
+        const float* c_r = c_save + (static_cast<int64_t>(r) * B + b) * I * J;
+        float* gb_r = gb_hist.data() + static_cast<int64_t>(r) * I * 16;
+        int64_t i = 0;
+        for (int64_t g = 0; g < groups; ++g)
+          for (int64_t p = 0; p < L.P; ++p, ++i) {
+            const T* row = u + b * L.sb + g * L.st + p * L.sp;
+            const __m512 cv = _mm512_maskz_loadu_ps(parents, c_r + i * J);
+            __m512 prod[16];
+            for (int j = 0; j < 16; ++j) prod[j] = j < J ? _mm512_mul_ps(load16(row + j * D), dsj[j]) : _mm512_setzero_ps();
+            const __m512 dc = sum_each(prod);  // dL/dc_ij = u_hat_j|i . ds_j
+            const float cdc = _mm512_reduce_add_ps(_mm512_mul_ps(cv, dc));
+            float* gb_i = gbeta.data() + i * 16;  // through the softmax into beta^r
+            const __m512 gb = _mm512_fmadd_ps(cv, _mm512_sub_ps(dc, _mm512_set1_ps(cdc)), _mm512_loadu_ps(gb_i));
+            _mm512_storeu_ps(gb_i, gb);
+            _mm512_storeu_ps(gb_r + i * 16, gb);
+            _mm512_store_ps(gbs, gb);
+            for (int j = 0; j < J; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(gbs[j]), load16(row + j * D), acc[j]);
+          }
+        for (int j = 0; j < J; ++j) _mm512_store_ps(gv + j * D, acc[j]);
       }
-      const float* c_r = r == 0 ? nullptr : c_save + (static_cast<int64_t>(r) * B + b) * I * J;
+      // The last pass: d u_hat_j|i = sum over r = R-1 .. first of c^r_ij ds^r_j (+ gbeta^r_ij v^(r-1)_j).
+      alignas(64) float cs[16];
       const __m512 uniform = _mm512_maskz_mov_ps(parents, _mm512_set1_ps(1.f / J));
       int64_t i = 0;
       for (int64_t g = 0; g < groups; ++g)
         for (int64_t p = 0; p < L.P; ++p, ++i) {
-          const T* row = u + b * L.sb + g * L.st + p * L.sp;
-          float* du_i = du.data() + i * JD;
-          const __m512 cv = c_r ? _mm512_maskz_loadu_ps(parents, c_r + i * J) : uniform;
-          __m512 prod[16];
-          for (int j = 0; j < 16; ++j) prod[j] = j < J ? _mm512_mul_ps(load16(row + j * D), dsj[j]) : _mm512_setzero_ps();
-          const __m512 dc = sum_each(prod);  // dL/dc_ij = u_hat_j|i . ds_j
-          _mm512_store_ps(cs, cv);
-          if (!chain) {
-            for (int j = 0; j < J; ++j)  // from s_j = sum_i c_ij u_hat_j|i
-              _mm512_storeu_ps(du_i + j * D, _mm512_fmadd_ps(_mm512_set1_ps(cs[j]), dsj[j], _mm512_loadu_ps(du_i + j * D)));
-            continue;
+          __m512 du[J];
+          for (int j = 0; j < J; ++j) du[j] = _mm512_setzero_ps();
+          for (int r = R - 1; r >= first; --r) {
+            const float* ds = ds_hist.data() + static_cast<int64_t>(r) * JD;
+            const __m512 cv = r == 0 ? uniform
+                                     : _mm512_maskz_loadu_ps(parents, c_save + ((static_cast<int64_t>(r) * B + b) * I + i) * J);
+            _mm512_store_ps(cs, cv);
+            for (int j = 0; j < J; ++j) du[j] = _mm512_fmadd_ps(_mm512_set1_ps(cs[j]), _mm512_loadu_ps(ds + j * D), du[j]);
+            if (detach_inner || r < 1) continue;
+            const float* v_prev = vprev_hist.data() + static_cast<int64_t>(r) * JD;
+            _mm512_store_ps(gbs, _mm512_loadu_ps(gb_hist.data() + (static_cast<int64_t>(r) * I + i) * 16));
+            for (int j = 0; j < J; ++j) du[j] = _mm512_fmadd_ps(_mm512_set1_ps(gbs[j]), _mm512_loadu_ps(v_prev + j * D), du[j]);
           }
-          const float cdc = _mm512_reduce_add_ps(_mm512_mul_ps(cv, dc));
-          float* gb_i = gbeta.data() + i * 16;  // through the softmax into beta^r
-          const __m512 gb = _mm512_fmadd_ps(cv, _mm512_sub_ps(dc, _mm512_set1_ps(cdc)), _mm512_loadu_ps(gb_i));
-          _mm512_storeu_ps(gb_i, gb);
-          _mm512_store_ps(gbs, gb);
-          for (int j = 0; j < J; ++j) {
-            const __m512 gbj = _mm512_set1_ps(gbs[j]);
-            __m512 d = _mm512_fmadd_ps(_mm512_set1_ps(cs[j]), dsj[j], _mm512_loadu_ps(du_i + j * D));
-            d = _mm512_fmadd_ps(gbj, _mm512_load_ps(v_prev + j * D), d);  // from the agreement u_hat . v^(r-1)
-            _mm512_storeu_ps(du_i + j * D, d);
-            acc[j] = _mm512_fmadd_ps(gbj, load16(row + j * D), acc[j]);
-          }
+          T* row = grad_u + b * L.sb + g * L.st + p * L.sp;
+          for (int j = 0; j < J; ++j) store16(row + j * D, du[j]);
         }
-      if (chain)
-        for (int j = 0; j < J; ++j) _mm512_store_ps(gv + j * D, acc[j]);
     }
-    int64_t i = 0;
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t p = 0; p < L.P; ++p, ++i) {
-        T* row = grad_u + b * L.sb + g * L.st + p * L.sp;
-        for (int j = 0; j < J; ++j) store16(row + j * D, _mm512_loadu_ps(du.data() + i * JD + j * D));
-      }
   }
 }
 #endif
