@@ -1,0 +1,98 @@
+"""Probe (not part of capsnet): where a CPU training step's time goes, by operation.
+
+    python tools/step_profile.py [--batch 64] [--steps 10] [--fp32-routing]
+
+Runs training steps of the MNIST model as `capsnet bench` does (synthetic images, the shifts,
+the loss, Adam), then profiles --steps more with torch.profiler and prints each operation's
+share of the step, grouped by what it computes, with its rate in GFLOP/s where the arithmetic
+is known. The profiler adds a little to every call, so small operations read high; the total
+without the profiler is printed first.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from capsnet.config import ModelConfig, TrainConfig
+from capsnet.data.augment import augment
+from capsnet.model import CapsNet
+from capsnet.runtime import configure, resolve_precision
+from capsnet.train import compile_model, make_optimizer, step, to_input
+
+
+def group(name: str, shapes: list) -> str:
+    """An operation (with its input shapes) -> what it computes in CapsNet."""
+    first = shapes[0] if shapes else []
+    if name == "aten::mkldnn_convolution":
+        return "conv1 forward" if first and first[1] == 1 else "PrimaryCaps conv forward"
+    if name == "aten::convolution_backward":
+        return "conv1 weight gradient" if len(shapes) > 1 and shapes[1] and shapes[1][1] == 1 \
+            else "PrimaryCaps conv input gradient"
+    if name == "aten::mm" and len(shapes) > 1 and len(shapes[1]) == 2 and shapes[1][1] > 10000:
+        return "PrimaryCaps conv weight gradient (GEMM)"
+    if name == "aten::copy_" and first and len(first) == 6:
+        return "PrimaryCaps patches (im2col)"
+    if name == "aten::bmm":
+        return "u_hat = W u and its gradients"
+    if name.startswith("FusedRouting"):
+        return "routing kernel, " + ("backward" if "Backward" in name else "forward")
+    if "adam" in name.lower():
+        return "Adam"
+    if name == "aten::copy_":
+        return "other copies and casts"
+    return "everything else"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--fp32-routing", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cpu")
+    precision = resolve_precision("auto", device)
+    configure(device, precision)
+    torch.manual_seed(0)
+    model = CapsNet(ModelConfig(fp32_routing=args.fp32_routing))
+    compile_model(model, "layer")
+    cfg = TrainConfig(batch_size=args.batch)
+    optimizer = make_optimizer(model, cfg, device)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.batch, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (args.batch,), generator=gen)
+
+    def train_step():
+        step(model, augment(to_input(images, device), cfg, gen), labels, cfg, precision, optimizer)
+
+    model.train()
+    for _ in range(8):
+        train_step()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        train_step()
+    plain = (time.perf_counter() - t) * 1e3 / args.steps
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(args.steps):
+            train_step()
+    ms: dict[str, float] = defaultdict(float)
+    total = 0.0
+    for event in prof.key_averages(group_by_input_shape=True):
+        self_ms = event.self_cpu_time_total / 1e3 / args.steps
+        ms[group(event.key, event.input_shapes)] += self_ms
+        total += self_ms
+    # The PrimaryCaps convolution: 256 -> 256 channels, 9 x 9, 6 x 6 outputs per image.
+    conv2_gflop = 2 * args.batch * 36 * 256 * 256 * 81 / 1e9
+    rated = {"PrimaryCaps conv forward", "PrimaryCaps conv input gradient", "PrimaryCaps conv weight gradient (GEMM)"}
+    print(f"{precision}, batch {args.batch}, fp32 routing {args.fp32_routing}, {torch.get_num_threads()} threads: "
+          f"{plain:.1f} ms per step without the profiler, {total:.1f} ms with it")
+    for name, value in sorted(ms.items(), key=lambda kv: -kv[1]):
+        rate = f"  {conv2_gflop / value * 1e3:5.0f} GFLOP/s" if name in rated else ""
+        print(f"  {name:42s} {value:7.1f} ms  {100 * value / total:5.1f}%{rate}")
+
+
+if __name__ == "__main__":
+    main()
