@@ -19,11 +19,7 @@ from pathlib import Path
 import torch
 
 from capsnet import cpu_kernels
-from capsnet.config import ModelConfig, TrainConfig
-from capsnet.data.augment import augment
-from capsnet.model import CapsNet
-from capsnet.runtime import configure, resolve_precision
-from capsnet.train import compile_model, make_optimizer, step, to_input
+from cpu_steps import training_step  # tools/cpu_steps.py
 
 
 def build(source: Path):
@@ -66,26 +62,15 @@ def main() -> None:
     cpu_kernels._tried = True
     if args.check:
         print("bitwise equal:", same_results(libs, args.fp32_routing))
-    device = torch.device("cpu")
-    precision = resolve_precision("auto", device)
-    configure(device, precision)
-    torch.manual_seed(0)
-    model = CapsNet(ModelConfig(fp32_routing=args.fp32_routing))
-    compile_model(model, "layer")
-    cfg = TrainConfig(batch_size=64)
-    optimizer = make_optimizer(model, cfg, device)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=gen)
-    labels = torch.randint(0, 10, (64,), generator=gen)
-    model.train()
+    next_batch, train, precision = training_step(fp32_routing=args.fp32_routing)
     warmup = 8
     ms: dict[str, list[float]] = {"old": [], "new": []}
     for k in range(warmup + 2 * args.steps):
         name = ("old", "new")[k % 2]
         cpu_kernels._lib = libs[name]
-        x = augment(to_input(images, device), cfg, gen)
+        x = next_batch()
         t = time.perf_counter()
-        step(model, x, labels, cfg, precision, optimizer)
+        train(x)
         if k >= warmup:
             ms[name].append((time.perf_counter() - t) * 1e3)
     old, new = statistics.median(ms["old"]), statistics.median(ms["new"])

@@ -17,11 +17,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from capsnet.config import ModelConfig, TrainConfig
-from capsnet.data.augment import augment
-from capsnet.model import CapsNet
-from capsnet.runtime import configure, resolve_precision
-from capsnet.train import compile_model, make_optimizer, step, to_input
+from cpu_steps import training_step  # tools/cpu_steps.py
 
 
 def group(name: str, shapes: list) -> str:
@@ -53,22 +49,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--fp32-routing", action="store_true")
     args = ap.parse_args()
-    device = torch.device("cpu")
-    precision = resolve_precision("auto", device)
-    configure(device, precision)
-    torch.manual_seed(0)
-    model = CapsNet(ModelConfig(fp32_routing=args.fp32_routing))
-    compile_model(model, "layer")
-    cfg = TrainConfig(batch_size=args.batch)
-    optimizer = make_optimizer(model, cfg, device)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.batch, 1, 28, 28), dtype=torch.uint8, generator=gen)
-    labels = torch.randint(0, 10, (args.batch,), generator=gen)
+    next_batch, train, precision = training_step(batch=args.batch, fp32_routing=args.fp32_routing)
 
     def train_step():
-        step(model, augment(to_input(images, device), cfg, gen), labels, cfg, precision, optimizer)
+        train(next_batch())
 
-    model.train()
     for _ in range(8):
         train_step()
     t = time.perf_counter()
