@@ -254,15 +254,14 @@ void backward_avx512(const T* u, Layout L, int B, int I, int R, const float* c_s
   const int first = detach_inner ? R - 1 : 0;
 #pragma omp parallel num_threads(threads)
   {
-    // Per thread, reused for each of its images: gbeta (running) and its value after each
-    // chained iteration; ds^r and v^(r-1) of every iteration.
-    std::vector<float> gbeta(static_cast<size_t>(I) * 16), gb_hist(static_cast<size_t>(R) * I * 16);
+    // Per thread, reused for each of its images: gbeta after each chained iteration (the pass
+    // for r adds to the value the pass for r + 1 left), ds^r and v^(r-1) of every iteration.
+    std::vector<float> gb_hist(static_cast<size_t>(R) * I * 16);
     std::vector<float> ds_hist(static_cast<size_t>(R) * JD), vprev_hist(static_cast<size_t>(R) * JD);
 #pragma omp for schedule(static)
     for (int b = 0; b < B; ++b) {
       alignas(64) float gv[JD], gbs[16];
       std::memcpy(gv, grad_v + static_cast<int64_t>(b) * JD, sizeof(float) * JD);
-      std::fill(gbeta.begin(), gbeta.end(), 0.f);
       for (int r = R - 1; r >= first; --r) {
         float* ds = ds_hist.data() + static_cast<int64_t>(r) * JD;
         squash_backward(s_save + (static_cast<int64_t>(r) * B + b) * JD, gv, ds, J, D);
@@ -278,6 +277,7 @@ void backward_avx512(const T* u, Layout L, int B, int I, int R, const float* c_s
         }
         const float* c_r = c_save + (static_cast<int64_t>(r) * B + b) * I * J;
         float* gb_r = gb_hist.data() + static_cast<int64_t>(r) * I * 16;
+        const float* gb_later = r + 1 < R ? gb_r + static_cast<int64_t>(I) * 16 : nullptr;  // null: gbeta 0
         int64_t i = 0;
         for (int64_t g = 0; g < groups; ++g)
           for (int64_t p = 0; p < L.P; ++p, ++i) {
@@ -287,9 +287,8 @@ void backward_avx512(const T* u, Layout L, int B, int I, int R, const float* c_s
             for (int j = 0; j < 16; ++j) prod[j] = j < J ? _mm512_mul_ps(load16(row + j * D), dsj[j]) : _mm512_setzero_ps();
             const __m512 dc = sum_each(prod);  // dL/dc_ij = u_hat_j|i . ds_j
             const float cdc = _mm512_reduce_add_ps(_mm512_mul_ps(cv, dc));
-            float* gb_i = gbeta.data() + i * 16;  // through the softmax into beta^r
-            const __m512 gb = _mm512_fmadd_ps(cv, _mm512_sub_ps(dc, _mm512_set1_ps(cdc)), _mm512_loadu_ps(gb_i));
-            _mm512_storeu_ps(gb_i, gb);
+            const __m512 gb = _mm512_fmadd_ps(cv, _mm512_sub_ps(dc, _mm512_set1_ps(cdc)),  // through the softmax
+                                              gb_later ? _mm512_loadu_ps(gb_later + i * 16) : _mm512_setzero_ps());
             _mm512_storeu_ps(gb_r + i * 16, gb);
             _mm512_store_ps(gbs, gb);
             for (int j = 0; j < J; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(gbs[j]), load16(row + j * D), acc[j]);
