@@ -73,9 +73,8 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):  # not glibc
         return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold, m_mmap_max = -1, -2, -3, -4
-    return bool(mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_mmap_max, 0)
-                and mallopt(m_trim_threshold, 1 << 30) and mallopt(m_top_pad, 64 << 20))
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # with mmap off, its threshold is moot
+    return bool(mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 1 << 30) and mallopt(m_top_pad, 64 << 20))
 
 
 def configure(device: torch.device, precision: str, *, keep_memory: bool = True) -> None:
