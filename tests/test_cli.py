@@ -207,7 +207,8 @@ def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
     evil = tmp_path / "evil.pt"
     torch.save({"format": "capsnet-checkpoint", "x": _Evil(str(marker))}, evil)
     code, _, err = run_cli(capsys, "evaluate", "--load", str(evil))
-    assert_one_line_error(code, err, "evil.pt", "not a capsnet checkpoint")
+    assert_one_line_error(code, err, "evil.pt", "not a capsnet checkpoint", "never unpickles")
+    assert "weights_only" not in err  # torch's own message advises loading it unsafely
     assert not marker.exists()
 
     other = tmp_path / "other.pt"
@@ -254,6 +255,14 @@ def test_console_script_runs():
     assert proc.returncode == 2
     assert proc.stderr.strip() == "capsnet: error: argument -b/--batchsize: must be positive, got 0 " \
                                   "(see capsnet train --help)"
+
+
+def test_version_names_capsnet_and_torch():
+    import capsnet
+
+    proc = subprocess.run([sys.executable, "-m", "capsnet", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"capsnet {capsnet.__version__} (torch {torch.__version__})"
 
 
 class _Evil:

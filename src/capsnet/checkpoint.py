@@ -1,6 +1,9 @@
 """Checkpoints: plain dicts of tensors and numbers, written atomically, read without pickle code."""
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,17 +21,34 @@ def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise CapsNetError(f"{path}: no such checkpoint")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (MemoryError, PermissionError):
         raise  # not the file's fault (main() reports them in one line)
     except Exception as exc:  # noqa: BLE001 - arbitrary bytes fail in arbitrary ways (IndexError, KeyError, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CapsNetError(f"{path}: not a capsnet checkpoint or corrupt ({first[:160]})") from None
+        raise CapsNetError(f"{path}: not a capsnet checkpoint{_why_unreadable(exc)}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CapsNetError(f"{path}: not a capsnet checkpoint")
     if obj.get("version", 0) > VERSION:
         raise CapsNetError(f"{path}: written by a newer capsnet (format version {obj['version']})")
     return obj
+
+
+def _why_unreadable(exc: Exception) -> str:
+    """The reason torch.load gave, in our words: its own message for a refused pickle advises
+    loading the file again with weights_only=False, which is exactly what must not be done."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL (\S+)", text)
+        if found:
+            return (f": it holds a Python object ({found.group(1)}) that only unpickling could build, "
+                    "and capsnet never unpickles (nothing in the file was run)")
+        return " (not a PyTorch file, or a damaged one)"
+    if isinstance(exc, EOFError) or not text.strip():
+        return " (empty or cut short)"
+    first = text.strip().splitlines()[0].split(". ")[0]
+    return f" or corrupt ({first[:160]})"
 
 
 def model_payload(model, *, epoch: int, val_acc: float | None) -> dict:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+from importlib import metadata
 import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import COMPILE_MODES, INITS, RECIPES, SCHEDULES, ModelConfig, TrainConfig
 from .errors import CapsNetError
 
@@ -66,6 +68,14 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=None, help="auto (default: bf16 where fast), bf16, fp32 or tf32")
 
 
+def _installed(package: str) -> str:
+    """A package's installed version without importing it (torch takes seconds to import)."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with usage errors in one line like every other error of the command."""
 
@@ -75,6 +85,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="capsnet", description="Capsule networks with dynamic routing.")
+    parser.add_argument("--version", action="version",
+                        version=f"capsnet {__version__} (torch {_installed('torch')})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train a CapsNet; writes a run directory")
