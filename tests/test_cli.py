@@ -233,6 +233,14 @@ def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
     assert_one_line_error(code, err, "odd.pt: weights do not fit")
 
 
+def test_pictures_into_a_file_are_refused_and_the_file_kept(trained_run, tmp_path, capsys):
+    blocker = tmp_path / "pics"
+    blocker.write_text("keep me")
+    code, _, err = run_cli(capsys, "visualize", "--load", str(trained_run), "--out", str(blocker))
+    assert_one_line_error(code, err, "pics", "a file stands where a folder is needed")
+    assert blocker.read_text() == "keep me"
+
+
 def test_checkpoint_of_another_architecture(trained_run, tmp_path, capsys):
     ckpt = torch.load(trained_run / "model.pt", weights_only=True)
     ckpt["model_config"]["shared_weights"] = True  # weights of per-capsule matrices under a shared config

@@ -366,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         print("capsnet: error: out of memory; try a smaller --batchsize", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"capsnet: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
-              file=sys.stderr)
+        why = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            why += " (a file stands where a folder is needed)"
+        print(f"capsnet: error: {exc.filename or ''}{': ' if exc.filename else ''}{why}", file=sys.stderr)
         return 2
