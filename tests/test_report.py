@@ -147,3 +147,47 @@ def test_ablation_pools_the_seeds_of_each_switch_setting(tmp_path, capsys):
     assert out[3].endswith("| 98.85 +- 0.07% (n=2) | 110, 120 |")
     assert main(["report", "--ablation", *folders]) == 0  # without --seeds: a row per run
     assert len(capsys.readouterr().out.splitlines()) == 6
+
+
+def _set_last_val(folder: Path, val_acc: float) -> None:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    (folder / "metrics.jsonl").write_text(lines[0] + "\n" + json.dumps({**json.loads(lines[-1]), "val_acc": val_acc}) + "\n")
+
+
+def test_paired_table_sets_each_change_beside_its_twins_seed_for_seed(tmp_path, capsys):
+    for seed, (final_with, final_without, val_with, val_without) in zip(
+            (789, 790, 791), ((0.9963, 0.9958, 0.9966, 0.9972), (0.9961, 0.9962, 0.9958, 0.9952),
+                              (0.9958, 0.9956, 0.9950, 0.9954))):
+        _fake_run(tmp_path / f"r32-s{seed}", seed, 0.9950, final_with, fp32_routing=True)
+        _fake_run(tmp_path / f"base-s{seed}", seed, 0.9950, final_without)
+        _set_last_val(tmp_path / f"r32-s{seed}", val_with)
+        _set_last_val(tmp_path / f"base-s{seed}", val_without)
+    _fake_run(tmp_path / "val0-s789", 789, 0.9968, 0.9968, val_size=0)
+    _set_last_val(tmp_path / "val0-s789", None)
+    changes = [{"change": "`--fp32-routing`", "recipe": "fast, 9", "outcome": "fewer errors",
+                "with": [f"r32-s{s}" for s in (789, 790, 791)], "without": [f"base-s{s}" for s in (789, 790, 791)]},
+               {"change": "`--val 0`", "recipe": "default, 2", "outcome": "level",
+                "with": ["val0-s789"], "without": ["base-s789"]}]
+    spec = tmp_path / "tried.json"
+    spec.write_text(json.dumps(changes))
+    assert main(["report", "--results", str(tmp_path), "--paired", str(spec)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4
+    # the final models' errors (not the validation-chosen ones'), and validation at the last epoch
+    assert out[2] == ("| `--fp32-routing` | fast, 9 | 789-791 | 37, 39, 42 / 42, 38, 44 | "
+                      "99.66, 99.58, 99.50 / 99.72, 99.52, 99.54% | fewer errors |")
+    assert out[3] == "| `--val 0` | default, 2 | 789 | 32 / 42 | - | level |"
+
+
+def test_paired_table_refuses_runs_that_do_not_pair_up(tmp_path, capsys):
+    _fake_run(tmp_path / "a-s1", 1, 0.9950, 0.9950)
+    _fake_run(tmp_path / "b-s2", 2, 0.9950, 0.9950)
+    spec = tmp_path / "tried.json"
+    spec.write_text(json.dumps([{"change": "x", "recipe": "r", "outcome": "o", "with": ["a-s1"], "without": ["b-s2"]}]))
+    assert main(["report", "--results", str(tmp_path), "--paired", str(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "x: the runs with and without it must pair up seed for seed ([1] against [2])" in err[0]
+    spec.write_text("[{")
+    assert main(["report", "--results", str(tmp_path), "--paired", str(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tried.json: not JSON" in err[0]

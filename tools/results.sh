@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the README's results tables and curves from the run logs in docs/results/ alone.
-# Prints the three tables (markdown) in README order and redraws docs/pictures/curves*.png.
+# Prints the four tables (markdown) in README order and redraws docs/pictures/curves*.png.
 #   bash tools/results.sh [--tables-only]   (with the project's .venv, or any Python where capsnet imports)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,9 @@ echo "## pooled over seeds"
 echo
 echo "## every run"
 "${capsnet[@]}" report "${recipes[@]}" "$R/e1-bf16" "$R/e1-fp32"
+echo
+echo "## changes tried, each beside its twins"
+"${capsnet[@]}" report --paired "$R/tried.json"
 echo
 echo "## ablation"
 "${capsnet[@]}" report --ablation --seeds "$R"/ablation/abl-{r3-recon,r1-recon,r3-norecon,r1-norecon,shared,leaky}{,-s790,-s791}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from importlib import metadata
 import os
 import sys
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pool runs that differ only in their seed: mean and standard deviation per recipe")
     r.add_argument("--curves", type=Path, default=None, metavar="PNG",
                    help="also draw the runs' training curves into this PNG (needs matplotlib)")
+    r.add_argument("--paired", type=Path, default=None, metavar="JSON",
+                   help="changes beside their twins without them, seed for seed, from a JSON list "
+                        "(docs/results/tried.json; its folders relative to --results)")
 
     d = sub.add_parser("data", help="fetch and verify a data set into the cache")
     d.add_argument("--dataset", default="mnist")
@@ -318,8 +322,17 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import ablation_table, finished_runs, results_table, seeds_table, training_curves
+    from .report import ablation_table, finished_runs, paired_table, results_table, seeds_table, training_curves
 
+    if args.paired is not None:
+        try:
+            changes = json.loads(args.paired.read_text())
+        except json.JSONDecodeError as exc:
+            raise CapsNetError(f"{args.paired}: not JSON ({exc})") from None
+        if not isinstance(changes, list):
+            raise CapsNetError(f"{args.paired}: must hold a list of changes")
+        print(paired_table(changes, args.results))
+        return 0
     folders = args.runs or finished_runs(args.results)
     if not folders:
         raise CapsNetError(f"{args.results}: no finished runs (folders with summary.json) here")

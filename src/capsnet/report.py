@@ -185,6 +185,47 @@ def ablation_table(folders: list[Path], *, pooled: bool = False) -> str:
                            "test errors, per seed"], rows)
 
 
+def _seed_list(seeds: list) -> str:
+    """789, 790 -- or 789-793 for three or more in a row."""
+    if len(seeds) >= 3 and all(isinstance(s, int) for s in seeds) and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(str(s) for s in seeds)
+
+
+def _last_val(r: dict) -> float | None:
+    """Validation accuracy at the run's last epoch (what a recipe is judged by), None without a split."""
+    return r["records"][-1].get("val_acc") if r["records"] else None
+
+
+def paired_table(changes: list[dict], root: Path) -> str:
+    """Changes set beside the same recipe without them, run for run on the same seeds: the final
+    model's test errors and the last epoch's validation accuracy, with / without.
+
+    changes: [{"change", "recipe", "with": [folders], "without": [folders], "outcome"}, ...] with
+    folders relative to root (docs/results/tried.json). A pair whose seeds differ is an error."""
+    rows = []
+    for change in changes:
+        try:
+            label, recipe, outcome = change["change"], change["recipe"], change["outcome"]
+            with_runs = [read_run(Path(root) / f) for f in change["with"]]
+            without_runs = [read_run(Path(root) / f) for f in change["without"]]
+        except (KeyError, TypeError):
+            raise CapsNetError(f"each change needs change, recipe, with, without and outcome: {change!r:.120}") from None
+        seeds = [r["seed"] for r in with_runs]
+        if not seeds or seeds != [r["seed"] for r in without_runs]:
+            raise CapsNetError(f"{label}: the runs with and without it must pair up seed for seed "
+                               f"({seeds} against {[r['seed'] for r in without_runs]})")
+        errors = [", ".join(str(r["final_test_errors"]) for r in runs) for runs in (with_runs, without_runs)]
+        vals = [[_last_val(r) for r in runs] for runs in (with_runs, without_runs)]
+        if any(v is None for side in vals for v in side):
+            val = "-"
+        else:
+            val = " / ".join(", ".join(f"{v * 100:.2f}" for v in side) for side in vals) + "%"
+        rows.append([label, recipe, _seed_list(seeds), " / ".join(errors), val, outcome])
+    return markdown_table(["change", "recipe, epochs", "seeds", "test errors: with / without",
+                           "validation: with / without", "outcome"], rows)
+
+
 def training_curves(folders: list[Path], out: Path) -> Path:
     """A PNG of each run's curves: training loss, and validation (and, if logged, test) accuracy per epoch."""
     try:
