@@ -22,6 +22,6 @@ def test_readme_tables_are_rebuilt_from_the_logged_runs():
     tables = [block for block in out.split("\n\n") if block.lstrip("#").strip()]
     tables = ["\n".join(line for line in block.splitlines() if line.startswith("|")) for block in tables]
     tables = [t for t in tables if t]
-    assert len(tables) == 4
+    assert len(tables) == 5
     for table in tables:
         assert table in readme, table.splitlines()[0]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the README's results tables and curves from the run logs in docs/results/ alone.
-# Prints the four tables (markdown) in README order and redraws docs/pictures/curves*.png.
+# Prints the five tables (markdown) in README order and redraws docs/pictures/curves*.png.
 #   bash tools/results.sh [--tables-only]   (with the project's .venv, or any Python where capsnet imports)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,9 @@ echo "## changes tried, each beside its twins"
 echo
 echo "## ablation"
 "${capsnet[@]}" report --ablation --seeds "$R"/ablation/abl-{r3-recon,r1-recon,r3-norecon,r1-norecon,shared,leaky}{,-s790,-s791}
+echo
+echo "## ablation at the fast recipe's 9 epochs (fast-r32: the fast recipe as it is)"
+"${capsnet[@]}" report --ablation --seeds "$R"/fast-r32-s{789,790,791} "$R"/ablation/fast-norecon-s{789,790,791}
 [ "${1:-}" = --tables-only ] && exit 0
 "${capsnet[@]}" report --curves docs/pictures/curves.png "$R"/default-h200-s79{2,3,4} > /dev/null
 "${capsnet[@]}" report --curves docs/pictures/curves_fast.png "$R"/fast-lr2-s789 > /dev/null
