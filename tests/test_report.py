@@ -149,7 +149,7 @@ def test_ablation_pools_the_seeds_of_each_switch_setting(tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 6
 
 
-def _set_last_val(folder: Path, val_acc: float) -> None:
+def _set_last_val(folder: Path, val_acc: float | None) -> None:
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     (folder / "metrics.jsonl").write_text(lines[0] + "\n" + json.dumps({**json.loads(lines[-1]), "val_acc": val_acc}) + "\n")
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from importlib import metadata
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from . import __version__
@@ -300,7 +300,6 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import json
 
     from .bench import format_table, run_bench, run_in_subprocess
 
