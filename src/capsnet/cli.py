@@ -300,7 +300,6 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_bench(args) -> int:
-
     from .bench import format_table, run_bench, run_in_subprocess
 
     device = _device(args)
