@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from capsnet import cpu_kernels
-from cpu_steps import training_step  # tools/cpu_steps.py
+from capsnet.bench import training_steps
 
 
 def build(source: Path):
@@ -62,19 +62,19 @@ def main() -> None:
     cpu_kernels._tried = True
     if args.check:
         print("bitwise equal:", same_results(libs, args.fp32_routing))
-    next_batch, train, precision = training_step(fp32_routing=args.fp32_routing)
+    run = training_steps(torch.device("cpu"), batch=64, fp32_routing=args.fp32_routing)
     warmup = 8
     ms: dict[str, list[float]] = {"old": [], "new": []}
     for k in range(warmup + 2 * args.steps):
         name = ("old", "new")[k % 2]
         cpu_kernels._lib = libs[name]
-        x = next_batch()
+        x = run.next_batch()
         t = time.perf_counter()
-        train(x)
+        run.train(x)
         if k >= warmup:
             ms[name].append((time.perf_counter() - t) * 1e3)
     old, new = statistics.median(ms["old"]), statistics.median(ms["new"])
-    print(f"{precision}, fp32 routing {args.fp32_routing}, {args.steps} steps each, median ms per step: "
+    print(f"{run.precision}, fp32 routing {args.fp32_routing}, {args.steps} steps each, median ms per step: "
           f"old {old:.1f}, new {new:.1f} ({100 * (new - old) / old:+.1f}%)")
 
 

@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cpu_steps import training_step  # tools/cpu_steps.py
+from capsnet.bench import training_steps
 
 
 def group(name: str, shapes: list) -> str:
@@ -49,10 +49,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--fp32-routing", action="store_true")
     args = ap.parse_args()
-    next_batch, train, precision = training_step(batch=args.batch, fp32_routing=args.fp32_routing)
+    run = training_steps(torch.device("cpu"), batch=args.batch, fp32_routing=args.fp32_routing)
+    precision = run.precision
 
     def train_step():
-        train(next_batch())
+        run.train(run.next_batch())
 
     for _ in range(8):
         train_step()

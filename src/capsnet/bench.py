@@ -12,6 +12,8 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -46,14 +48,22 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128, steps: int = 10,
-              warmup: int = 3, compile: bool = True, compile_mode: str = "layer", baseline: bool = False,
-              frozen_conv1: bool = False, fp32_routing: bool = False, seed: int = 0) -> dict:
-    """Time training and inference (classification: no decoder). baseline=True measures the plain
-    formulation this project started from (library convolution gradients, routing as PyTorch
-    operations, no compilation, unfused Adam, glibc's default allocator settings) for comparison.
-    frozen_conv1=True times the steps after `train --freeze-conv1-after` has frozen conv1;
-    fp32_routing=True builds the model as `train --fp32-routing` does (u_hat and routing in float32)."""
+@dataclass
+class TrainingSteps:
+    """The model, set up as run_bench times it, and its steps on one synthetic batch."""
+    model: CapsNet
+    images: torch.Tensor  # uint8 [batch, 1, 28, 28]
+    precision: str
+    routing: str  # what routes: "C++ kernel", "torch.compile" or "PyTorch ops"
+    compiled: bool
+    next_batch: Callable[[], torch.Tensor]  # the batch freshly shifted, as a float tensor
+    train: Callable[[torch.Tensor], None]  # one training step on it (loss, backward, Adam)
+
+
+def training_steps(device: torch.device, *, precision: str = "auto", batch: int = 128, compile: bool = True,
+                   compile_mode: str = "layer", baseline: bool = False, frozen_conv1: bool = False,
+                   fp32_routing: bool = False, seed: int = 0) -> TrainingSteps:
+    """What `capsnet bench` times, ready to run (also used by the probes in tools/); the flags as run_bench's."""
     precision = resolve_precision(precision, device)
     configure(device, precision, keep_memory=not baseline)
     torch.manual_seed(seed)
@@ -78,9 +88,29 @@ def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128
     images = torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8, generator=gen, device=device)
     labels = torch.randint(0, 10, (batch,), generator=gen, device=device)
 
-    def train_step():
-        x = augment(to_input(images, device), cfg, gen)
+    def next_batch() -> torch.Tensor:
+        return augment(to_input(images, device), cfg, gen)
+
+    def train(x: torch.Tensor) -> None:
         step(model, x, labels, cfg, precision, optimizer)
+
+    return TrainingSteps(model, images, precision, routing, compile, next_batch, train)
+
+
+def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128, steps: int = 10,
+              warmup: int = 3, compile: bool = True, compile_mode: str = "layer", baseline: bool = False,
+              frozen_conv1: bool = False, fp32_routing: bool = False, seed: int = 0) -> dict:
+    """Time training and inference (classification: no decoder). baseline=True measures the plain
+    formulation this project started from (library convolution gradients, routing as PyTorch
+    operations, no compilation, unfused Adam, glibc's default allocator settings) for comparison.
+    frozen_conv1=True times the steps after `train --freeze-conv1-after` has frozen conv1;
+    fp32_routing=True builds the model as `train --fp32-routing` does (u_hat and routing in float32)."""
+    s = training_steps(device, precision=precision, batch=batch, compile=compile, compile_mode=compile_mode,
+                       baseline=baseline, frozen_conv1=frozen_conv1, fp32_routing=fp32_routing, seed=seed)
+    model, images, precision, compile = s.model, s.images, s.precision, s.compiled
+
+    def train_step():
+        s.train(s.next_batch())
 
     model.train()
     t_train = _median_seconds(train_step, steps, warmup, device)
@@ -96,7 +126,7 @@ def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128
     return {"train_img_s": round(batch / t_train, 1), "eval_img_s": round(batch / t_eval, 1),
             "train_step_ms": round(t_train * 1000, 1), "peak_mem_mb": round(train_peak, 1),
             "precision": precision, "batch": batch, "threads": torch.get_num_threads(), "device": str(device),
-            "device_name": describe(device), "torch": torch.__version__, "routing": routing,
+            "device_name": describe(device), "torch": torch.__version__, "routing": s.routing,
             "compile": compile_mode if compile else "off", "formulation": "baseline" if baseline else "capsnet",
             "conv1": "frozen" if frozen_conv1 else "trains", "fp32_routing": fp32_routing}
 
