@@ -26,10 +26,10 @@ echo
 echo "## ablation"
 "${capsnet[@]}" report --ablation --seeds "$R"/ablation/abl-{r3-recon,r1-recon,r3-norecon,r1-norecon,shared,leaky}{,-s790,-s791}
 echo
-echo "## ablation at the fast recipe's 9 epochs (fast-r32: the fast recipe as it is; fast-leaky: the seeds run so far)"
+echo "## ablation at the fast recipe's 9 epochs (fast-r32: the fast recipe as it is)"
 "${capsnet[@]}" report --ablation --seeds "$R"/fast-r32-s{789,790,791} "$R"/ablation/fast-norecon-s{789,790,791} \
     "$R"/ablation/fast-r1-s{789,790,791} "$R"/ablation/fast-r1-norecon-s{789,790,791} \
-    "$R"/ablation/fast-shared-s{789,790,791} "$R"/ablation/fast-leaky-s*
+    "$R"/ablation/fast-shared-s{789,790,791} "$R"/ablation/fast-leaky-s{789,790,791}
 [ "${1:-}" = --tables-only ] && exit 0
 "${capsnet[@]}" report --curves docs/pictures/curves.png "$R"/default-h200-s79{2,3,4} > /dev/null
 "${capsnet[@]}" report --curves docs/pictures/curves_fast.png "$R"/fast-r32-s{789,790,791} > /dev/null
