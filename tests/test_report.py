@@ -56,6 +56,19 @@ def test_report_without_runs_is_one_line(tmp_path, capsys):
     assert "no finished runs" in capsys.readouterr().err
 
 
+def test_report_of_a_run_still_training_says_how_far_it_got(tmp_path, capsys):
+    run = tmp_path / "r1"
+    _fake_run(run, 789, 0.99, None)
+    (run / "summary.json").unlink()  # what a run directory holds between epochs
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"capsnet: error: {run}: training has not finished (2 of 2 epochs logged); " \
+                  f"`capsnet train --resume {run}` continues it"
+    (run / "metrics.jsonl").unlink()  # stopped before its first epoch ended
+    assert main(["report", str(run)]) == 2
+    assert "(0 of 2 epochs logged)" in capsys.readouterr().err
+
+
 def _fake_run(folder: Path, seed: int, test_acc: float, final_acc: float | None, shared: bool = False,
               capsule_bias: bool | None = None, weight_init: float | None = None, init: str | None = None,
               fp32_routing: bool | None = None, **train):

@@ -21,6 +21,9 @@ _NOT_RECIPE = {"recipe", "seed", "epochs", "batch_size", "precision", "test_ever
 def read_run(folder: Path) -> dict:
     """One row: what ran, where, how long, and the selected model's test accuracy."""
     folder = Path(folder)
+    if (folder / "config.json").is_file() and not (folder / "summary.json").exists():
+        raise CapsNetError(f"{folder}: training has not finished ({_epochs_logged(folder)}); "
+                           f"`capsnet train --resume {folder}` continues it")
     try:
         config = json.loads((folder / "config.json").read_text())
         summary = json.loads((folder / "summary.json").read_text())
@@ -273,6 +276,16 @@ def training_curves(folders: list[Path], out: Path) -> Path:
     plt.close(fig)
     atomic_write(Path(out), buf.getvalue())
     return Path(out)
+
+
+def _epochs_logged(folder: Path) -> str:
+    """'3 of 50 epochs logged' for a run still in progress, as far as its files can be read."""
+    try:
+        epochs = json.loads((folder / "config.json").read_text())["train"]["epochs"]
+        lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return "its config.json cannot be read"
+    return f"{sum(1 for line in lines if line.strip())} of {epochs} epochs logged"
 
 
 def finished_runs(root: Path) -> list[Path]:
