@@ -284,7 +284,7 @@ def _epochs_logged(folder: Path) -> str:
         epochs = json.loads((folder / "config.json").read_text())["train"]["epochs"]
         lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return "its config.json cannot be read"
+        return "its config.json or metrics.jsonl cannot be read"
     return f"{sum(1 for line in lines if line.strip())} of {epochs} epochs logged"
 
 
