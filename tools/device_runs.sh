@@ -23,6 +23,8 @@
 #   Pace of 50-epoch default-recipe runs side by side (bf16, batch 64; 2026-11-26): on an H200, three
 #   at ~10,000 img/s each, 5.1 min; on an H100, one alone ~9,000 img/s, two ~8,000 each (6.3 min),
 #   three ~7,200 each (about 7 min: give DEADLINE 460 or more), four ~6,000 each (too slow for one call).
+#   On an H200 on 2026-11-28 three at once ended 365-373 s into the call (--recon-weight 0.01); with
+#   DEADLINE 395 the guard, projecting from epoch 3's pace, stopped one of three (--erase 4): give 430.
 #   dry run here:  OUT=/tmp/out DEVICE=cpu EXTRA="-e 1 --limit 640 --val 128" bash tools/device_runs.sh
 set -u
 T0=$SECONDS
