@@ -24,7 +24,8 @@
 #   at ~10,000 img/s each, 5.1 min; on an H100, one alone ~9,000 img/s, two ~8,000 each (6.3 min),
 #   three ~7,200 each (about 7 min: give DEADLINE 460 or more), four ~6,000 each (too slow for one call).
 #   On an H200 on 2026-11-28 three at once ended 365-373 s into the call (--recon-weight 0.01); with
-#   DEADLINE 395 the guard, projecting from epoch 3's pace, stopped one of three (--erase 4): give 430.
+#   DEADLINE 395 the guard, then projecting from epoch 4's pace alone, stopped one of three (--erase 4)
+#   that would have finished; it now waits for six epochs and takes the last three's pace. Give 430.
 #   dry run here:  OUT=/tmp/out DEVICE=cpu EXTRA="-e 1 --limit 640 --val 128" bash tools/device_runs.sh
 set -u
 T0=$SECONDS
@@ -92,11 +93,12 @@ while :; do
   if (( now - last_report >= 30 )); then
     last_report=$now
     line="[$now s]"; for n in "${NAMES[@]}"; do line="$line $n: $(epochs_done "$n")/$(total_epochs "$n")"; done; echo "$line"
-    # If the first run still going will miss the deadline at its last epoch's pace (the 'elapsed'
-    # difference of its last two records), stop the last run still going (the others speed up).
+    # If the first run still going will miss the deadline at its pace over its last three epochs
+    # (judged once it has six: the first epochs of runs sharing a card ran up to a third slower
+    # than the rest on 2026-11-28), stop the last run still going (the others speed up).
     [ ${#alive[@]} -eq 0 ] && { sleep 2; continue; }
     lead=${alive[0]}
-    left=$(python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-2:]; print(round((int(sys.argv[2])-r[1]['epoch'])*(r[1]['elapsed']-r[0]['elapsed'])) if len(r)==2 else -1)" "$RUNS/$lead/metrics.jsonl" "$(total_epochs "$lead")" 2>/dev/null || echo -1)
+    left=$(python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print(round((int(sys.argv[2])-r[-1]['epoch'])*(r[-1]['elapsed']-r[-4]['elapsed'])/3) if len(r)>=6 else -1)" "$RUNS/$lead/metrics.jsonl" "$(total_epochs "$lead")" 2>/dev/null || echo -1)
     if (( ${GUARD:-1} == 1 && ${#PENDING[@]} == 0 && ${#alive[@]} > 1 && left >= 0 && now - last_kill > 60 && now + left > DEADLINE )); then
       victim=${alive[-1]}; last_kill=$now
       echo "[$now s] $lead projected to end at $((now + left))s > ${DEADLINE}s: stopping $victim"; kill "${PID[$victim]}"
