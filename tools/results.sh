@@ -12,7 +12,7 @@ default=("$R"/default-h200-s*)
 # recipe before its learning rate was doubled; default-rw10, default-erase4: the authors' loss balance
 # and a blanked square at 50 epochs; fast-fz2: conv1 frozen after 2 epochs, fast-fz2e12:
 # the same for 12 epochs; fast-r32: u_hat and the routing in float32)
-recipes=("${default[@]}" "$R/default-s789" "$R/default-r32-s789" "$R"/default-val0-h200-s* "$R"/default-aff-h100-s* "$R/default-leaky-h200-s792"
+recipes=("${default[@]}" "$R/default-s789" "$R/default-s790" "$R/default-r32-s789" "$R"/default-val0-h200-s* "$R"/default-aff-h100-s* "$R/default-leaky-h200-s792"
          "$R"/default-rw10-h200-s* "$R"/default-erase4-h200-s*
          "$R"/fast-lr2-s* "$R/fast-s789" "$R/fast-s790" "$R"/fast-fz2-s* "$R"/fast-fz2e12-s*
          "$R"/fast-r32-s*)
