@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--erase", type=_non_negative, default=None, metavar="PIXELS",
                    help="also blank a PIXELS x PIXELS square at a random place in each training image "
                         "(default 0: not in the paper)")
+    t.add_argument("--clean-epochs", type=_non_negative, default=None, metavar="N",
+                   help="train the last N epochs on the images as they are: no shifts or other augmentation "
+                        "(default 0: augment every epoch)")
     t.add_argument("--freeze-conv1-after", type=_non_negative, default=None, metavar="EPOCHS",
                    help="stop training conv1 after this many epochs (later steps are faster; default 0: never)")
     t.add_argument("--schedule", choices=SCHEDULES, default=None,
@@ -220,7 +223,7 @@ def cmd_train(args) -> int:
                        "precision": args.precision, "test_every_epoch": args.test_every_epoch or None,
                        "compile": args.compile, "schedule": args.schedule, "ema_decay": args.ema,
                        "max_shift": args.shift, "max_rotation": args.rotate, "max_scale": args.scale,
-                       "erase": args.erase,
+                       "erase": args.erase, "clean_epochs": args.clean_epochs,
                        "compile_mode": args.compile_mode, "freeze_conv1_after": args.freeze_conv1_after}
     train_overrides = {k: v for k, v in train_overrides.items() if v is not None}
     model_overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}

@@ -85,6 +85,7 @@ class TrainConfig:
     max_rotation: float = 0.0  # > 0: also a random rotation, uniform in +- this many degrees ...
     max_scale: float = 0.0  # > 0: ... and scale, uniform in 1 +- this (then shifts are not whole pixels)
     erase: int = 0  # > 0: then blank a square this many pixels wide at a random place in each image
+    clean_epochs: int = 0  # > 0: the last this many epochs see the training images as they are (no augmentation)
     seed: int = 789
     val_size: int = 5000  # last images of the training set, held out for selection
     limit: int = 0  # use only the first N training images (0 = all)
@@ -119,6 +120,8 @@ class TrainConfig:
             raise ValueError(f"freeze_conv1_after must be 0 (never) or a number of epochs, got {self.freeze_conv1_after}")
         if not 0.0 <= self.max_rotation <= 180.0:
             raise ValueError(f"max_rotation must be in [0, 180] degrees, got {self.max_rotation}")
+        if self.clean_epochs < 0:
+            raise ValueError(f"clean_epochs must be 0 (off) or a number of epochs, got {self.clean_epochs}")
         if self.erase < 0:
             raise ValueError(f"erase must be 0 (off) or a square's width in pixels, got {self.erase}")
         if not 0.0 <= self.max_scale < 1.0:

@@ -85,6 +85,13 @@ def conv1_trains(cfg: TrainConfig, epoch: int) -> bool:
     return cfg.freeze_conv1_after == 0 or epoch < cfg.freeze_conv1_after
 
 
+def augments(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether this (0-based) epoch's images are augmented: all but the last cfg.clean_epochs are.
+    Training on the images as they are at the end, at the schedule's lowest learning rates, fits the
+    model to the centred digits it is tested on (a short run has no time to waste on shifted ones)."""
+    return epoch < cfg.epochs - cfg.clean_epochs
+
+
 def make_optimizer(model: CapsNet, cfg: TrainConfig, device: torch.device, *, fused: bool = True):
     """Adam; the fused implementation (one kernel for all parameters) on CPU and CUDA."""
     fused = fused and device.type in ("cpu", "cuda")
@@ -129,7 +136,8 @@ class EpochResult:
 def train_one_epoch(model, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                     cfg: TrainConfig, epoch: int, precision: str, progress=None, *,
                     dist: DistInfo = SINGLE, average: WeightAverage | None = None) -> EpochResult:
-    """One pass over (images, labels) in a fresh random order with fresh random shifts.
+    """One pass over (images, labels) in a fresh random order with fresh random shifts (none in the
+    last cfg.clean_epochs epochs).
 
     The learning rate is set before every step (learning_rate at the fraction of the epoch done);
     average, if given, is updated after every step.
@@ -146,12 +154,15 @@ def train_one_epoch(model, optimizer: torch.optim.Optimizer, images: torch.Tenso
     if dist.world > 1:  # equal shares, so every rank runs the same number of steps
         order = order[: n - n % dist.world][dist.rank::dist.world]
         gen = epoch_generator(cfg.seed + 1 + dist.rank, epoch, device)
+    augmented = augments(cfg, epoch)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     start = time.perf_counter()
     for first in range(0, len(order), cfg.batch_size):
         idx = order[first:first + cfg.batch_size]
-        x = augment(to_input(images[idx.to(images.device)], device), cfg, gen)
+        x = to_input(images[idx.to(images.device)], device)
+        if augmented:
+            x = augment(x, cfg, gen)
         y = labels[idx.to(labels.device)].to(device, non_blocking=True)
         lr = learning_rate(cfg, epoch + first / len(order))
         for group in optimizer.param_groups:
