@@ -82,6 +82,32 @@ def test_conv1_stops_training_after_the_given_epoch_and_the_rest_goes_on(tmp_pat
     assert not torch.equal(seen[2]["primary.conv.weight"], seen[1]["primary.conv.weight"])  # the rest trains on
 
 
+def _weights_after_each_epoch(tmp_path, data, name, **settings):
+    seen = []
+
+    def keep(epoch, model):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    run = tmp_path / name
+    prepare_run_dir(run, force=False)
+    cfg = TrainConfig(epochs=2, batch_size=32, val_size=16, precision="fp32", seed=3, **settings)
+    fit(small_model_config(data), cfg, data, run, torch.device("cpu"), verbose=False, on_epoch_end=keep)
+    return seen
+
+
+def test_clean_epochs_train_the_last_epochs_on_unshifted_images(tmp_path, tiny_data):
+    shifted = _weights_after_each_epoch(tmp_path, tiny_data, "shifted", max_shift=2)
+    clean_last = _weights_after_each_epoch(tmp_path, tiny_data, "clean-last", max_shift=2, clean_epochs=1)
+    never = _weights_after_each_epoch(tmp_path, tiny_data, "never", max_shift=0)
+    clean_all = _weights_after_each_epoch(tmp_path, tiny_data, "clean-all", max_shift=2, clean_epochs=2)
+    key = "primary.conv.weight"
+    assert torch.equal(clean_last[0][key], shifted[0][key])  # epoch 1: shifted as usual ...
+    assert not torch.equal(clean_last[1][key], shifted[1][key])  # ... epoch 2: not
+    for a, b in zip(clean_all, never):  # every epoch clean: the same as no shifts at all
+        assert torch.equal(a[key], b[key])
+    assert not torch.equal(never[0][key], shifted[0][key])  # (and shifts do change what is learned)
+
+
 def test_run_directory_contents(tmp_path, tiny_data):
     run, summary = _fit(tmp_path, tiny_data, 2, schedule="exp")
     config = json.loads((run / "config.json").read_text())
