@@ -64,25 +64,8 @@ def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, tiny_data, sett
             assert torch.equal(a["average"]["model"][key], b["average"]["model"][key]), key
 
 
-def test_conv1_stops_training_after_the_given_epoch_and_the_rest_goes_on(tmp_path, tiny_data):
-    seen = []
-
-    def keep(epoch, model):
-        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-
-    run = tmp_path / "run"
-    prepare_run_dir(run, force=False)
-    cfg = TrainConfig(epochs=3, batch_size=32, val_size=16, precision="fp32", seed=3, freeze_conv1_after=1)
-    fit(small_model_config(tiny_data), cfg, tiny_data, run, torch.device("cpu"), verbose=False, on_epoch_end=keep)
-    torch.manual_seed(cfg.seed)
-    initial = CapsNet(small_model_config(tiny_data)).state_dict()
-    assert not torch.equal(seen[0]["conv1.weight"], initial["conv1.weight"])  # trained in epoch 1 ...
-    assert torch.equal(seen[1]["conv1.weight"], seen[0]["conv1.weight"])  # ... then frozen
-    assert torch.equal(seen[2]["conv1.bias"], seen[0]["conv1.bias"])
-    assert not torch.equal(seen[2]["primary.conv.weight"], seen[1]["primary.conv.weight"])  # the rest trains on
-
-
-def _weights_after_each_epoch(tmp_path, data, name, **settings):
+def _weights_after_each_epoch(tmp_path, data, name, epochs=2, **settings):
+    """A fresh run's state_dict after each of its epochs (seed 3)."""
     seen = []
 
     def keep(epoch, model):
@@ -90,9 +73,19 @@ def _weights_after_each_epoch(tmp_path, data, name, **settings):
 
     run = tmp_path / name
     prepare_run_dir(run, force=False)
-    cfg = TrainConfig(epochs=2, batch_size=32, val_size=16, precision="fp32", seed=3, **settings)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, val_size=16, precision="fp32", seed=3, **settings)
     fit(small_model_config(data), cfg, data, run, torch.device("cpu"), verbose=False, on_epoch_end=keep)
     return seen
+
+
+def test_conv1_stops_training_after_the_given_epoch_and_the_rest_goes_on(tmp_path, tiny_data):
+    seen = _weights_after_each_epoch(tmp_path, tiny_data, "run", epochs=3, freeze_conv1_after=1)
+    torch.manual_seed(3)  # the seed _weights_after_each_epoch trains with
+    initial = CapsNet(small_model_config(tiny_data)).state_dict()
+    assert not torch.equal(seen[0]["conv1.weight"], initial["conv1.weight"])  # trained in epoch 1 ...
+    assert torch.equal(seen[1]["conv1.weight"], seen[0]["conv1.weight"])  # ... then frozen
+    assert torch.equal(seen[2]["conv1.bias"], seen[0]["conv1.bias"])
+    assert not torch.equal(seen[2]["primary.conv.weight"], seen[1]["primary.conv.weight"])  # the rest trains on
 
 
 def test_clean_epochs_train_the_last_epochs_on_unshifted_images(tmp_path, tiny_data):
