@@ -114,7 +114,8 @@ def test_capsule_bias_is_trained_saved_and_evaluated(tmp_path, mnist, capsys):
 
     run = tmp_path / "biased"
     code, _, _ = run_cli(capsys, "train", "-e", "1", "--limit", "192", "--val", "64", "-b", "64", "--capsule-bias",
-                         "--recon-weight", "0.001", "--init", "authors", "--erase", "6", "--clean-epochs", "1", "--fp32-routing", "--save", str(run), "-q",
+                         "--recon-weight", "0.001", "--init", "authors", "--erase", "6", "--clean-epochs", "1", "--fp32-routing",
+                         "--elastic", "20", "--elastic-sigma", "5", "--save", str(run), "-q",
                          "--device", "cpu")
     assert code == 0
     config = json.loads((run / "config.json").read_text())
@@ -122,6 +123,7 @@ def test_capsule_bias_is_trained_saved_and_evaluated(tmp_path, mnist, capsys):
     assert config["model"]["fp32_routing"] is True
     assert config["train"]["recon_weight"] == 0.001 and config["train"]["erase"] == 6
     assert config["train"]["clean_epochs"] == 1
+    assert config["train"]["elastic"] == 20.0 and config["train"]["elastic_sigma"] == 5.0
     bias = load_model(run / "final.pt").digits.bias
     assert bias.shape == (10, 16) and not torch.allclose(bias, torch.full_like(bias, 0.1))  # trained from 0.1
     summary = json.loads((run / "summary.json").read_text())
@@ -157,6 +159,9 @@ def test_resume_refuses_another_recipe(trained_run, capsys):
     (["train", "--scale", "1.5"], "scale: must be in [0, 1)"),
     (["train", "--erase", "-2"], "erase: must be 0 or more"),
     (["train", "--clean-epochs", "-1"], "clean-epochs: must be 0 or more"),
+    (["train", "--elastic", "-1"], "elastic: must be 0 or more"),
+    (["train", "--elastic", "nan"], "elastic: must be 0 or more"),
+    (["train", "--elastic-sigma", "0"], "elastic-sigma: must be positive"),
     (["train", "-b", "0"], "batchsize: must be positive"),
     (["train", "-b", "-5"], "batchsize: must be positive"),
     (["train", "-e", "-1"], "epoch: must be positive"),

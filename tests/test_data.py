@@ -10,7 +10,8 @@ from capsnet.data import mnist
 import math
 
 from capsnet.config import TrainConfig
-from capsnet.data.augment import affine_warp, augment, random_affine, random_erase, random_shift
+from capsnet.data.augment import (affine_warp, augment, elastic_warp, gaussian_matrix, random_affine, random_elastic,
+                                  random_erase, random_shift)
 from capsnet.data.idx import decode_idx, encode_idx
 from capsnet.data.safe_pickle import load_numpy_pickle
 from capsnet.errors import CapsNetError
@@ -165,6 +166,50 @@ def test_augment_keeps_the_paper_shifts_unless_asked_for_more():
     assert torch.equal(erased, random_erase(random_shift(images, 2, gen), 3, gen))
     with pytest.raises(ValueError, match="erase"):
         TrainConfig(erase=-1)
+    bent = augment(images, TrainConfig(elastic=20.0, elastic_sigma=3.0), torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # the shifts' draws first, then the field's
+    assert torch.equal(bent, random_elastic(random_shift(images, 2, gen), 20.0, 3.0, gen))
+    for bad in ({"elastic": -1.0}, {"elastic_sigma": 0.0}):
+        with pytest.raises(ValueError, match="elastic"):
+            TrainConfig(**bad)
+
+
+def test_elastic_warp_reads_each_pixel_at_its_displacement():
+    images = torch.rand(2, 3, 10, 12)  # not square: the pixel <-> [-1, 1] conversion differs per axis
+    field = torch.zeros(2, 2, 10, 12)
+    field[0, 0], field[0, 1] = 2.0, -1.0  # image 0 reads 2 px to the right and 1 px up: its content moves left, down
+    out = elastic_warp(images, field)
+    assert torch.allclose(out[1], images[1], atol=1e-5)  # no displacement, no change
+    assert torch.allclose(out[0, :, 1:, :10], images[0, :, :9, 2:], atol=1e-5)
+    assert out[0, :, 0].abs().max() < 1e-5 and out[0, :, :, 10:].abs().max() < 1e-5  # read from outside: zero
+    half = torch.zeros(1, 2, 10, 12)
+    half[0, 0] = 0.5  # half a pixel: the mean of two neighbours
+    out = elastic_warp(images[:1], half)
+    assert torch.allclose(out[0, :, :, :11], (images[0, :, :, :11] + images[0, :, :, 1:]) / 2, atol=1e-5)
+
+
+def test_elastic_fields_are_smooth_drawn_per_image_and_as_strong_as_alpha_says():
+    n, size, alpha, sigma = 200, 48, 34.0, 4.0
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    ramps = torch.stack([xs, ys])[None].expand(n, 2, size, size)  # channel 0 = column, 1 = row
+    out = random_elastic(ramps, alpha, sigma, torch.Generator().manual_seed(0))
+    assert torch.equal(out, random_elastic(ramps, alpha, sigma, torch.Generator().manual_seed(0)))
+    # bilinear sampling of a linear ramp returns where it read: the displacement field itself (away from the edges)
+    inner = slice(16, 32)  # 4 sd of blur from every edge: no part of the kernel lost
+    field = (out - ramps)[:, :, inner, inner]  # [n, 2, 16, 16]
+    g = gaussian_matrix(size, sigma)[24]  # one row: the 1-D kernel
+    expected_sd = alpha * (g**2).sum() / 3**0.5  # uniform noise in [-1, 1] (sd 1/sqrt 3) blurred in 2-D
+    assert field.std().item() == pytest.approx(expected_sd.item(), rel=0.06)
+    assert field.mean().abs() < 0.1 * expected_sd
+    step = (field[:, :, :, 1:] - field[:, :, :, :-1]).std()  # neighbours move together
+    assert step < 0.2 * field.std()
+    per_image = field.flatten(1)
+    assert torch.corrcoef(per_image[:20]).fill_diagonal_(0).abs().max() < 0.9  # each image its own field
+    weaker = random_elastic(ramps, alpha / 2, sigma, torch.Generator().manual_seed(0))
+    assert torch.allclose((weaker - ramps)[:, :, inner, inner], field / 2, atol=1e-3)
+    images = torch.rand(3, 1, 28, 28)
+    assert random_elastic(images, 0.0, sigma) is images
+    assert torch.allclose(gaussian_matrix(40, 2.5)[20].sum(), torch.tensor(1.0))  # no loss in the middle
 
 
 def test_erase_blanks_one_square_per_image_clipped_at_the_edges():

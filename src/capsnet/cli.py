@@ -41,6 +41,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:  # (nan too)
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _decay(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -107,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also rotate each training image at random by up to DEG degrees (default 0: not in the paper)")
     t.add_argument("--scale", type=_fraction, default=None, metavar="FRAC",
                    help="also scale each training image at random by 1 +- FRAC (default 0: not in the paper)")
+    t.add_argument("--elastic", type=_non_negative_float, default=None, metavar="ALPHA",
+                   help="also distort each training image elastically, by a smooth random field scaled by ALPHA "
+                        "(Simard et al. 2003 use 34; default 0: not in the paper)")
+    t.add_argument("--elastic-sigma", type=_positive_float, default=None, metavar="PIXELS",
+                   help=f"how smooth that field is: the sd of its Gaussian blur (default {TrainConfig.elastic_sigma:g})")
     t.add_argument("--erase", type=_non_negative, default=None, metavar="PIXELS",
                    help="also blank a PIXELS x PIXELS square at a random place in each training image "
                         "(default 0: not in the paper)")
@@ -223,6 +235,7 @@ def cmd_train(args) -> int:
                        "precision": args.precision, "test_every_epoch": args.test_every_epoch or None,
                        "compile": args.compile, "schedule": args.schedule, "ema_decay": args.ema,
                        "max_shift": args.shift, "max_rotation": args.rotate, "max_scale": args.scale,
+                       "elastic": args.elastic, "elastic_sigma": args.elastic_sigma,
                        "erase": args.erase, "clean_epochs": args.clean_epochs,
                        "compile_mode": args.compile_mode, "freeze_conv1_after": args.freeze_conv1_after}
     train_overrides = {k: v for k, v in train_overrides.items() if v is not None}

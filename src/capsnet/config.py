@@ -84,6 +84,8 @@ class TrainConfig:
     max_shift: int = 2  # random translation, pixels, drawn per image
     max_rotation: float = 0.0  # > 0: also a random rotation, uniform in +- this many degrees ...
     max_scale: float = 0.0  # > 0: ... and scale, uniform in 1 +- this (then shifts are not whole pixels)
+    elastic: float = 0.0  # > 0: also an elastic distortion of this strength (alpha, pixels; Simard et al. use 34) ...
+    elastic_sigma: float = 4.0  # ... its displacement field blurred by a Gaussian of this sd (pixels)
     erase: int = 0  # > 0: then blank a square this many pixels wide at a random place in each image
     clean_epochs: int = 0  # > 0: the last this many epochs see the training images as they are (no augmentation)
     seed: int = 789
@@ -122,6 +124,9 @@ class TrainConfig:
             raise ValueError(f"max_rotation must be in [0, 180] degrees, got {self.max_rotation}")
         if self.clean_epochs < 0:
             raise ValueError(f"clean_epochs must be 0 (off) or a number of epochs, got {self.clean_epochs}")
+        if not self.elastic >= 0.0 or not self.elastic_sigma > 0.0:
+            raise ValueError(f"elastic must be 0 (off) or more and elastic_sigma positive, got {self.elastic} "
+                             f"and {self.elastic_sigma}")
         if self.erase < 0:
             raise ValueError(f"erase must be 0 (off) or a square's width in pixels, got {self.erase}")
         if not 0.0 <= self.max_scale < 1.0:
