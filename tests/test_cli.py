@@ -87,6 +87,30 @@ def test_evaluate_reproduces_the_logged_test_accuracy(trained_run, capsys):
     assert f"{summary['final_test_acc'] * 100:.2f}%" in out and f"({summary['final_test_errors']} errors" in out
 
 
+def test_evaluate_routes_as_many_times_as_told(trained_run, mnist, capsys):
+    from capsnet.checkpoint import load_model
+    from capsnet.config import TrainConfig
+    from capsnet.runtime import resolve_precision
+    from capsnet.train import evaluate, to_input
+
+    summary = json.loads((trained_run / "summary.json").read_text())
+    code, out, _ = run_cli(capsys, "evaluate", "--load", str(trained_run), "--device", "cpu", "--routing-iters", "3")
+    assert code == 0 and f"({summary['test_errors']} errors" in out and "3 routing iterations (trained with 3)" in out
+    model = load_model(trained_run)
+    x = to_input(mnist.test_images[:64], torch.device("cpu"))
+    with torch.no_grad():
+        three = model(x, reconstruct=False).lengths
+        model.digits.routing_iters = 1
+        one = model(x, reconstruct=False).lengths
+    assert not torch.allclose(one, three, atol=1e-3)  # the count reaches the layer
+    ok, n = evaluate(model, mnist.test_images, mnist.test_labels, TrainConfig(eval_batch_size=500),
+                     resolve_precision("auto", torch.device("cpu")))
+    code, out, _ = run_cli(capsys, "evaluate", "--load", str(trained_run), "--device", "cpu", "--routing-iters", "1")
+    assert code == 0 and f"({n - ok} errors in {n})" in out and "1 routing iteration (trained with 3)" in out
+    code, _, err = run_cli(capsys, "evaluate", "--load", str(trained_run), "--routing-iters", "0")
+    assert_one_line_error(code, err, "--routing-iters", "must be positive")
+
+
 def test_refuses_to_overwrite_a_run(trained_run, capsys):
     before = (trained_run / "model.pt").read_bytes()
     code, _, err = run_cli(capsys, "train", "-e", "1", "--save", str(trained_run))
@@ -177,6 +201,10 @@ def test_resume_refuses_another_recipe(trained_run, capsys):
     (["train", "--resume", "/nonexistent/run"], "/nonexistent/run: no such run directory"),
     (["visualize", "--load", "/nonexistent/run"], "no such run directory"),
     (["data", "--dataset", "cifar"], "unknown dataset 'cifar'"),
+    (["train", "-e", "ten"], "epoch: invalid whole number value: 'ten'"),
+    (["train", "--lr", "fast"], "lr: invalid number value: 'fast'"),
+    (["train", "--rotate", "much"], "rotate: invalid number value: 'much'"),
+    (["evaluate", "--load", "/nonexistent/run", "--routing-iters", "two"], "routing-iters: invalid whole number"),
 ])
 def test_bad_input_gives_one_line(capsys, argv, needle):
     code, _, err = run_cli(capsys, *argv)

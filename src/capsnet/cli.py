@@ -69,6 +69,12 @@ def _degrees(text: str) -> float:
     return value
 
 
+# argparse names a value it cannot read by its type's __name__: "invalid whole number value: 'x'"
+for _type, _kind in ((_positive, "whole number"), (_non_negative, "whole number"), (_positive_float, "number"),
+                     (_non_negative_float, "number"), (_decay, "number"), (_fraction, "number"), (_degrees, "number")):
+    _type.__name__ = _kind
+
+
 def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-g", "--gpu", type=int, default=None, help="GPU index, -1 for the CPU (the seed's flag)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -169,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="test accuracy of a trained model")
     e.add_argument("--load", type=Path, required=True, help="run directory or checkpoint")
     e.add_argument("-b", "--batchsize", type=_positive, default=500)
+    e.add_argument("--routing-iters", type=_positive, default=None, metavar="N",
+                   help="route N times instead of as many as the model was trained with (default: those)")
     _device_args(e)
 
     v = sub.add_parser("visualize", help="reconstruction pictures of a trained model")
@@ -296,8 +304,13 @@ def cmd_evaluate(args) -> int:
     data = load_dataset("mnist", args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
     cfg = TrainConfig(eval_batch_size=args.batchsize)
     precision = resolve_precision(args.precision or "auto", device)
+    trained_iters = model.digits.routing_iters
+    if args.routing_iters is not None:
+        model.digits.routing_iters = args.routing_iters  # only how many times it routes: the weights stay
     ok, n = evaluate(model, data.test_images, data.test_labels, cfg, precision)
-    print(f"test accuracy {ok / n * 100:.2f}% ({n - ok} errors in {n}), {precision}")
+    routing = "" if args.routing_iters is None else \
+        f", {args.routing_iters} routing iteration{'s' if args.routing_iters > 1 else ''} (trained with {trained_iters})"
+    print(f"test accuracy {ok / n * 100:.2f}% ({n - ok} errors in {n}), {precision}{routing}")
     return 0
 
 
