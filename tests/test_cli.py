@@ -87,6 +87,28 @@ def test_evaluate_reproduces_the_logged_test_accuracy(trained_run, capsys):
     assert f"{summary['final_test_acc'] * 100:.2f}%" in out and f"({summary['final_test_errors']} errors" in out
 
 
+def test_evaluate_on_the_validation_split_reproduces_the_logged_figures(trained_run, tmp_path, capsys):
+    summary = json.loads((trained_run / "summary.json").read_text())
+    last = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
+    for load, val_acc in ((trained_run, summary["val_acc"]), (trained_run / "final.pt", last["val_acc"])):
+        code, out, _ = run_cli(capsys, "evaluate", "--load", str(load), "--split", "val", "--device", "cpu")
+        assert code == 0
+        assert out.startswith(f"validation accuracy {val_acc * 100:.2f}% ({round((1 - val_acc) * 64)} errors in 64)")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "model.pt").write_bytes((trained_run / "model.pt").read_bytes())
+    code, _, err = run_cli(capsys, "evaluate", "--load", str(alone / "model.pt"), "--split", "val")
+    assert_one_line_error(code, err, "no config.json", "validation images are unknown")
+    config = json.loads((trained_run / "config.json").read_text())
+    config["train"]["val_size"] = 0
+    (alone / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "evaluate", "--load", str(alone), "--split", "val")
+    assert_one_line_error(code, err, "held out no validation images")
+    (alone / "config.json").write_text("{not json")
+    code, _, err = run_cli(capsys, "evaluate", "--load", str(alone), "--split", "val")
+    assert_one_line_error(code, err, "config.json: cannot read the run's validation split")
+
+
 def test_evaluate_routes_as_many_times_as_told(trained_run, mnist, capsys):
     from capsnet.checkpoint import load_model
     from capsnet.config import TrainConfig

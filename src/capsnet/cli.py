@@ -172,8 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     _device_args(t)
 
-    e = sub.add_parser("evaluate", help="test accuracy of a trained model")
+    e = sub.add_parser("evaluate", help="test (or validation) accuracy of a trained model")
     e.add_argument("--load", type=Path, required=True, help="run directory or checkpoint")
+    e.add_argument("--split", choices=("test", "val"), default="test",
+                   help="test (default), or val: the images the run held out to choose its model "
+                        "(read from the run directory's config.json)")
     e.add_argument("-b", "--batchsize", type=_positive, default=500)
     e.add_argument("--routing-iters", type=_positive, default=None, metavar="N",
                    help="route N times instead of as many as the model was trained with (default: those)")
@@ -297,21 +300,46 @@ def cmd_evaluate(args) -> int:
     from .config import TrainConfig
     from .data import load_dataset
     from .runtime import resolve_precision
-    from .train import evaluate
+    from .train import evaluate, split_validation
 
     device = _device(args)
     model = load_model(args.load).to(device)
+    held_out = _held_out_split(args.load) if args.split == "val" else None  # before the data is fetched
     data = load_dataset("mnist", args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
+    if held_out is None:
+        name, images, labels = "test", data.test_images, data.test_labels
+    else:
+        limit, val_size = held_out
+        _, _, images, labels = split_validation(data.subset(limit), val_size)
+        name = "validation"
     cfg = TrainConfig(eval_batch_size=args.batchsize)
     precision = resolve_precision(args.precision or "auto", device)
     trained_iters = model.digits.routing_iters
     if args.routing_iters is not None:
         model.digits.routing_iters = args.routing_iters  # only how many times it routes: the weights stay
-    ok, n = evaluate(model, data.test_images, data.test_labels, cfg, precision)
+    ok, n = evaluate(model, images, labels, cfg, precision)
     routing = "" if args.routing_iters is None else \
         f", {args.routing_iters} routing iteration{'s' if args.routing_iters > 1 else ''} (trained with {trained_iters})"
-    print(f"test accuracy {ok / n * 100:.2f}% ({n - ok} errors in {n}), {precision}{routing}")
+    print(f"{name} accuracy {ok / n * 100:.2f}% ({n - ok} errors in {n}), {precision}{routing}")
     return 0
+
+
+def _held_out_split(load: Path) -> tuple[int, int]:
+    """(limit, val_size) of the run that wrote this run directory or checkpoint: its validation
+    images are the last val_size of its first `limit` training images (all of them for 0)."""
+    run_dir = load if load.is_dir() else load.parent
+    path = run_dir / "config.json"
+    try:
+        train = json.loads(path.read_text())["train"]
+        limit, val_size = int(train.get("limit", 0)), int(train["val_size"])
+    except FileNotFoundError:
+        raise CapsNetError(f"{run_dir}: no config.json, so the run's validation images are unknown "
+                           "(--split val reads them from a run directory)") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CapsNetError(f"{path}: cannot read the run's validation split from it") from None
+    if val_size <= 0:
+        raise CapsNetError(f"{run_dir}: the run held out no validation images (--val 0)")
+    return limit, val_size
 
 
 def cmd_visualize(args) -> int:
