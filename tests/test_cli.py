@@ -87,7 +87,7 @@ def test_evaluate_reproduces_the_logged_test_accuracy(trained_run, capsys):
     assert f"{summary['final_test_acc'] * 100:.2f}%" in out and f"({summary['final_test_errors']} errors" in out
 
 
-def test_evaluate_on_the_validation_split_reproduces_the_logged_figures(trained_run, tmp_path, capsys):
+def test_evaluate_on_the_validation_split_reproduces_the_logged_figures(trained_run, mnist, tmp_path, capsys):
     summary = json.loads((trained_run / "summary.json").read_text())
     last = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
     for load, val_acc in ((trained_run, summary["val_acc"]), (trained_run / "final.pt", last["val_acc"])):
@@ -99,7 +99,20 @@ def test_evaluate_on_the_validation_split_reproduces_the_logged_figures(trained_
     (alone / "model.pt").write_bytes((trained_run / "model.pt").read_bytes())
     code, _, err = run_cli(capsys, "evaluate", "--load", str(alone / "model.pt"), "--split", "val")
     assert_one_line_error(code, err, "no config.json", "validation images are unknown")
+    # which images: the last val_size of the first `limit`, one image told apart by the model's answer
+    from capsnet.checkpoint import load_model
+    from capsnet.train import predict
+
+    correct = predict(load_model(trained_run), mnist.train_images[:400], 500, summary["precision"]) \
+        == mnist.train_labels[:400]
+    assert correct[1:].any() and not correct[1:].all()
     config = json.loads((trained_run / "config.json").read_text())
+    for index, expected in ((1 + int(correct[1:].nonzero()[0]), "100.00% (0 errors in 1)"),  # index 0 would
+                            (1 + int((~correct[1:]).nonzero()[0]), "0.00% (1 errors in 1)")):  # leave no training
+        config["train"].update(limit=index + 1, val_size=1)
+        (alone / "config.json").write_text(json.dumps(config))
+        code, out, _ = run_cli(capsys, "evaluate", "--load", str(alone), "--split", "val", "--device", "cpu")
+        assert code == 0 and out.startswith(f"validation accuracy {expected}")
     config["train"]["val_size"] = 0
     (alone / "config.json").write_text(json.dumps(config))
     code, _, err = run_cli(capsys, "evaluate", "--load", str(alone), "--split", "val")
