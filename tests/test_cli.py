@@ -117,9 +117,10 @@ def test_evaluate_on_the_validation_split_reproduces_the_logged_figures(trained_
     (alone / "config.json").write_text(json.dumps(config))
     code, _, err = run_cli(capsys, "evaluate", "--load", str(alone), "--split", "val")
     assert_one_line_error(code, err, "held out no validation images")
-    (alone / "config.json").write_text("{not json")
-    code, _, err = run_cli(capsys, "evaluate", "--load", str(alone), "--split", "val")
-    assert_one_line_error(code, err, "config.json: cannot read the run's validation split")
+    for damaged in ("{not json", '{"train": null}', '{"train": {"val_size": Infinity}}'):
+        (alone / "config.json").write_text(damaged)
+        code, _, err = run_cli(capsys, "evaluate", "--load", str(alone), "--split", "val")
+        assert_one_line_error(code, err, "config.json: cannot read the run's validation split")
 
 
 def test_evaluate_routes_as_many_times_as_told(trained_run, mnist, capsys):
@@ -151,6 +152,36 @@ def test_refuses_to_overwrite_a_run(trained_run, capsys):
     code, _, err = run_cli(capsys, "train", "-e", "1", "--save", str(trained_run))
     assert_one_line_error(code, err, "already holds a run", "--resume")
     assert (trained_run / "model.pt").read_bytes() == before
+
+
+def test_force_keeps_the_old_run_until_the_new_one_can_start(trained_run, tmp_path, capsys):
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("config.json", "metrics.jsonl", "last.pt", "model.pt", "final.pt", "summary.json"):
+        (old / name).write_bytes((trained_run / name).read_bytes())
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    for flags, needle in ((["--dataset", "cifar10"], "unknown dataset 'cifar10'"),
+                          (["--precision", "fp16"], "unknown precision 'fp16'"),
+                          (["--val", "70000"], "--val 70000 must be between")):
+        code, _, err = run_cli(capsys, "train", "-e", "1", "--save", str(old), "--force", "--device", "cpu", *flags)
+        assert_one_line_error(code, err, needle)
+        assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+
+
+def test_resume_cannot_end_a_run_before_where_it_stopped(trained_run, tmp_path, capsys):
+    from capsnet.checkpoint import load_checkpoint
+    from capsnet.files import atomic_torch_save
+
+    run = tmp_path / "exp"
+    run.mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        (run / name).write_bytes((trained_run / name).read_bytes())
+    state = load_checkpoint(trained_run / "last.pt")
+    state["epoch"] = 2  # as if it had trained two epochs of an exp schedule, whose length may change
+    state["train_config"]["schedule"] = "exp"
+    atomic_torch_save(state, run / "last.pt")
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "-e", "1")
+    assert_one_line_error(code, err, "has trained 2 epochs already", "-e 1")
 
 
 def test_resume_with_another_architecture_is_refused(trained_run, capsys):
@@ -240,6 +271,10 @@ def test_resume_refuses_another_recipe(trained_run, capsys):
     (["train", "--lr", "fast"], "lr: invalid number value: 'fast'"),
     (["train", "--rotate", "much"], "rotate: invalid number value: 'much'"),
     (["evaluate", "--load", "/nonexistent/run", "--routing-iters", "two"], "routing-iters: invalid whole number"),
+    (["train", "--lr", "inf"], "lr: must be a finite number"),
+    (["train", "--elastic", "inf"], "elastic: must be a finite number"),
+    (["train", "--elastic-sigma", "inf"], "elastic-sigma: must be a finite number"),
+    (["train", "--elastic-sigma", "1e12"], "elastic-sigma: must be at most 100 pixels"),
 ])
 def test_bad_input_gives_one_line(capsys, argv, needle):
     code, _, err = run_cli(capsys, *argv)
@@ -326,6 +361,29 @@ def test_corrupt_data_names_the_file(tmp_path, capsys):
     (folder / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 100)
     code, _, err = run_cli(capsys, "train", "-e", "1", "--data-dir", str(tmp_path), "--save", str(tmp_path / "r"))
     assert_one_line_error(code, err, "train-images-idx3-ubyte")
+
+
+def test_running_out_of_memory_or_an_interrupt_is_one_line(monkeypatch, capsys):
+    import capsnet.cli
+
+    def fail_with(exc):
+        def command(args):
+            raise exc
+        return command
+
+    monkeypatch.setitem(capsnet.cli.COMMANDS, "report", fail_with(RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory: you tried to allocate 7 GB")))
+    code, _, err = run_cli(capsys, "report")
+    assert_one_line_error(code, err, "out of memory", "can't allocate memory", "try a smaller --batchsize")
+    monkeypatch.setitem(capsnet.cli.COMMANDS, "report", fail_with(RuntimeError("shapes do not match")))
+    with pytest.raises(RuntimeError, match="shapes do not match"):  # a bug stays a bug, with its traceback
+        main(["report"])
+    monkeypatch.setitem(capsnet.cli.COMMANDS, "report", fail_with(KeyboardInterrupt()))
+    code, _, err = run_cli(capsys, "report")
+    assert code == 130 and err.strip() == "capsnet: interrupted"  # no last.pt to speak of
+    monkeypatch.setitem(capsnet.cli.COMMANDS, "train", fail_with(KeyboardInterrupt()))
+    code, _, err = run_cli(capsys, "train")
+    assert code == 130 and "last.pt" in err and "--resume" in err and len(err.strip().splitlines()) == 1
 
 
 def test_console_script_runs():

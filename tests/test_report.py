@@ -200,7 +200,12 @@ def test_paired_table_refuses_runs_that_do_not_pair_up(tmp_path, capsys):
     assert main(["report", "--results", str(tmp_path), "--paired", str(spec)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "x: the runs with and without it must pair up seed for seed ([1] against [2])" in err[0]
-    spec.write_text("[{")
-    assert main(["report", "--results", str(tmp_path), "--paired", str(spec)]) == 2
+    for content in (b"[{", bytes([0x89, 0x50, 0x4E, 0x47, 0xFF, 0xFE])):  # cut short; not text at all (a PNG)
+        spec.write_bytes(content)
+        assert main(["report", "--results", str(tmp_path), "--paired", str(spec)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "tried.json: not JSON" in err[0]
+    (tmp_path / "b-s2" / "summary.json").write_bytes(bytes([0xFF, 0xFE, 0x00]))  # a damaged run
+    assert main(["report", str(tmp_path / "b-s2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "tried.json: not JSON" in err[0]
+    assert len(err) == 1 and "b-s2: not a finished run directory" in err[0]

@@ -137,6 +137,30 @@ def test_the_final_model_is_saved_and_tested_beside_the_chosen_one(tmp_path, tin
     assert again["final_test_acc"] == summary["final_test_acc"]
 
 
+def test_a_crash_just_after_an_epoch_s_checkpoint_loses_no_record(tmp_path, tiny_data, monkeypatch):
+    import capsnet.train
+
+    saved = capsnet.train.atomic_torch_save
+
+    def save_then_crash(obj, path):  # the process dies right after last.pt of epoch 2 is written
+        saved(obj, path)
+        if path.name == "last.pt" and obj["epoch"] == 2:
+            raise _Stop
+
+    monkeypatch.setattr(capsnet.train, "atomic_torch_save", save_then_crash)
+    with pytest.raises(_Stop):
+        _fit(tmp_path, tiny_data, 3, schedule="exp")
+    monkeypatch.setattr(capsnet.train, "atomic_torch_save", saved)
+    run = tmp_path / "run"
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # a record cut short by a crash while it was written (epoch 3 of a run whose last.pt has epoch 2)
+    # is dropped on --resume, and the epoch runs again
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "lr": 0.00')
+    _fit(tmp_path, tiny_data, 3, resume=resume_state(run), schedule="exp")
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_a_run_directory_is_not_overwritten(tmp_path, tiny_data):
     run, _ = _fit(tmp_path, tiny_data, 1)
     before = (run / "last.pt").read_bytes()

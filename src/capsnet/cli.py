@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from importlib import metadata
 from pathlib import Path
 
 from . import __version__
-from .config import COMPILE_MODES, INITS, RECIPES, SCHEDULES, ModelConfig, TrainConfig
+from .config import COMPILE_MODES, INITS, MAX_ELASTIC_SIGMA, RECIPES, SCHEDULES, ModelConfig, TrainConfig
 from .errors import CapsNetError
 
 # Model flags: None means "not given", so --resume can tell a conflicting flag from a default.
@@ -38,13 +39,26 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0.0:  # (nan too)
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+    return _finite(value)
 
 
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0.0:  # (nan too)
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return _finite(value)
+
+
+def _finite(value: float) -> float:
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return value
+
+
+def _blur_sd(text: str) -> float:
+    value = _positive_float(text)
+    if value > MAX_ELASTIC_SIGMA:  # a blur wider than the image is a shift; the kernel would only grow
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_ELASTIC_SIGMA:g} pixels, got {value:g}")
     return value
 
 
@@ -71,7 +85,8 @@ def _degrees(text: str) -> float:
 
 # argparse names a value it cannot read by its type's __name__: "invalid whole number value: 'x'"
 for _type, _kind in ((_positive, "whole number"), (_non_negative, "whole number"), (_positive_float, "number"),
-                     (_non_negative_float, "number"), (_decay, "number"), (_fraction, "number"), (_degrees, "number")):
+                     (_non_negative_float, "number"), (_blur_sd, "number"), (_decay, "number"), (_fraction, "number"),
+                     (_degrees, "number")):
     _type.__name__ = _kind
 
 
@@ -123,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--elastic", type=_non_negative_float, default=None, metavar="ALPHA",
                    help="also distort each training image elastically, by a smooth random field scaled by ALPHA "
                         "(Simard et al. 2003 use 34; default 0: not in the paper)")
-    t.add_argument("--elastic-sigma", type=_positive_float, default=None, metavar="PIXELS",
+    t.add_argument("--elastic-sigma", type=_blur_sd, default=None, metavar="PIXELS",
                    help=f"how smooth that field is: the sd of its Gaussian blur (default {TrainConfig.elastic_sigma:g})")
     t.add_argument("--erase", type=_non_negative, default=None, metavar="PIXELS",
                    help="also blank a PIXELS x PIXELS square at a random place in each training image "
@@ -237,7 +252,8 @@ def cmd_train(args) -> int:
     from .config import recipe_config, recipe_model_settings
     from .data import load_dataset
     from .runtime import close_distributed, init_distributed
-    from .train import configs_from_state, fit, model_config_for, prepare_run_dir, resume_state
+    from .train import (check_settings, configs_from_state, fit, model_config_for, prepare_run_dir,
+                        remove_run_files, resume_state)
 
     dist, device = init_distributed(_device(args))  # under torchrun: this process's rank and device
     train_overrides = {"epochs": args.epoch, "batch_size": args.batchsize, "lr_decay": args.decay, "lr": args.lr,
@@ -270,12 +286,15 @@ def cmd_train(args) -> int:
                 raise CapsNetError(f"{run_dir}: the run was started with {key}={getattr(cfg, key)}; "
                                    f"resuming with {value} would not continue it")
         cfg = replace(cfg, **{k: v for k, v in train_overrides.items() if k in RESUMABLE})
+        if cfg.epochs < state["epoch"]:
+            raise CapsNetError(f"{run_dir}: the run has trained {state['epoch']} epochs already; -e {cfg.epochs} "
+                               f"would end it before where it stopped")
+        old_files = []
     else:
         state = None
         cfg = recipe_config(args.recipe or "default", **train_overrides)
         run_dir = args.save or Path("runs") / cfg.dataset
-        if dist.is_main:
-            prepare_run_dir(run_dir, force=args.force)
+        old_files = prepare_run_dir(run_dir, force=args.force) if dist.is_main else []
 
     if dist.world > 1 and not dist.is_main:
         torch.distributed.barrier()  # rank 0 fetches the data first, the others then read its cache
@@ -284,6 +303,8 @@ def cmd_train(args) -> int:
         torch.distributed.barrier()
     if state is None:
         model_cfg = model_config_for(data, **{**recipe_model_settings(cfg.recipe), **model_overrides})
+    check_settings(cfg, data, device, dist)
+    remove_run_files(run_dir, old_files)
     fit(model_cfg, cfg, data, run_dir, device, resume=state, argv=sys.argv[1:], verbose=not args.quiet, dist=dist)
     close_distributed()
     if args.visualize and dist.is_main:
@@ -335,7 +356,7 @@ def _held_out_split(load: Path) -> tuple[int, int]:
     except FileNotFoundError:
         raise CapsNetError(f"{run_dir}: no config.json, so the run's validation images are unknown "
                            "(--split val reads them from a run directory)") from None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
         raise CapsNetError(f"{path}: cannot read the run's validation split from it") from None
     if val_size <= 0:
         raise CapsNetError(f"{run_dir}: the run held out no validation images (--val 0)")
@@ -382,7 +403,7 @@ def cmd_report(args) -> int:
     if args.paired is not None:
         try:
             changes = json.loads(args.paired.read_text())
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # not JSON, or not text at all (UnicodeDecodeError)
             raise CapsNetError(f"{args.paired}: not JSON ({exc})") from None
         if not isinstance(changes, list):
             raise CapsNetError(f"{args.paired}: must hold a list of changes")
@@ -408,6 +429,11 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _out_of_memory(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return "out of memory" in text or "can't allocate memory" in text or type(exc).__name__ == "OutOfMemoryError"
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "visualize": cmd_visualize, "bench": cmd_bench,
             "report": cmd_report, "data": cmd_data}
 
@@ -428,10 +454,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capsnet: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("capsnet: interrupted; the last finished epoch is in last.pt (resume with --resume)", file=sys.stderr)
+        print("capsnet: interrupted" + ("; training continues from the last finished epoch (last.pt) with "
+                                        "--resume RUN" if args.command == "train" else ""), file=sys.stderr)
         return 130
     except MemoryError:
         print("capsnet: error: out of memory; try a smaller --batchsize", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # PyTorch reports a failed allocation (CPU or GPU) as a RuntimeError
+        if not _out_of_memory(exc):
+            raise
+        first = (str(exc).strip().splitlines() or ["out of memory"])[0]
+        print(f"capsnet: error: out of memory ({first[:120]}); try a smaller --batchsize", file=sys.stderr)
         return 2
     except OSError as exc:
         why = exc.strerror or str(exc)

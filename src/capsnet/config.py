@@ -6,6 +6,7 @@ computed properties, never settings, so a config can't disagree with itself.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 
 
@@ -124,9 +125,9 @@ class TrainConfig:
             raise ValueError(f"max_rotation must be in [0, 180] degrees, got {self.max_rotation}")
         if self.clean_epochs < 0:
             raise ValueError(f"clean_epochs must be 0 (off) or a number of epochs, got {self.clean_epochs}")
-        if not self.elastic >= 0.0 or not self.elastic_sigma > 0.0:
-            raise ValueError(f"elastic must be 0 (off) or more and elastic_sigma positive, got {self.elastic} "
-                             f"and {self.elastic_sigma}")
+        if not 0.0 <= self.elastic < math.inf or not 0.0 < self.elastic_sigma <= MAX_ELASTIC_SIGMA:
+            raise ValueError(f"elastic must be 0 (off) or a finite strength and elastic_sigma in "
+                             f"(0, {MAX_ELASTIC_SIGMA:g}] pixels, got {self.elastic} and {self.elastic_sigma}")
         if self.erase < 0:
             raise ValueError(f"erase must be 0 (off) or a square's width in pixels, got {self.erase}")
         if not 0.0 <= self.max_scale < 1.0:
@@ -134,6 +135,7 @@ class TrainConfig:
 
 
 SCHEDULES = ("exp", "cosine")
+MAX_ELASTIC_SIGMA = 100.0  # pixels: a blur far wider than the image only makes a smaller shift
 INITS = ("default", "authors")
 COMPILE_MODES = ("layer", "model", "graphs")
 
@@ -197,4 +199,5 @@ def recipe_config(name: str = "default", **overrides) -> TrainConfig:
 
 
 __all__ = ["ModelConfig", "TrainConfig", "to_dict", "from_dict", "RECIPES", "SCHEDULES", "COMPILE_MODES", "INITS",
+           "MAX_ELASTIC_SIGMA",
            "recipe_config", "recipe_model_settings", "RECIPE_MODELS"]

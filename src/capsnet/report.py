@@ -28,7 +28,7 @@ def read_run(folder: Path) -> dict:
         config = json.loads((folder / "config.json").read_text())
         summary = json.loads((folder / "summary.json").read_text())
         records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not text (UnicodeDecodeError)
         raise CapsNetError(f"{folder}: not a finished run directory ({exc})") from None
     train = config.get("train", {})
     model = config.get("model", {})
@@ -283,7 +283,7 @@ def _epochs_logged(folder: Path) -> str:
     try:
         epochs = json.loads((folder / "config.json").read_text())["train"]["epochs"]
         lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         return "its config.json or metrics.jsonl cannot be read"
     return f"{sum(1 for line in lines if line.strip())} of {epochs} epochs logged"
 

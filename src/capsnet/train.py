@@ -20,7 +20,7 @@ from .averaging import WeightAverage
 from .data import Dataset
 from .data.augment import augment
 from .errors import CapsNetError
-from .files import atomic_torch_save, write_json
+from .files import atomic_torch_save, atomic_write, write_json
 from .losses import capsule_loss
 from .model import CapsNet
 from .runtime import SINGLE, DistInfo, autocast, configure, describe, resolve_precision
@@ -221,8 +221,10 @@ def git_commit() -> str | None:
         return None
 
 
-def prepare_run_dir(run_dir: Path, *, force: bool) -> None:
-    """Create the run directory, refusing one that already holds a run unless forced."""
+def prepare_run_dir(run_dir: Path, *, force: bool) -> list[str]:
+    """Create the run directory, refusing one that already holds a run unless forced. Returns the
+    old run's files, which stay until `remove_run_files`: the caller removes them once the new
+    run's settings have passed every check (`check_settings`)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise CapsNetError(f"{run_dir}: exists and is not a directory")
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
@@ -236,8 +238,22 @@ def prepare_run_dir(run_dir: Path, *, force: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise CapsNetError(f"{run_dir}: cannot write there ({exc.strerror or exc})") from None
-    for name in existing:  # --force: the old run goes only now that the new one can start
-        (run_dir / name).unlink()
+    return existing
+
+
+def remove_run_files(run_dir: Path, names: list[str]) -> None:
+    """--force: the old run goes only now that the new one can start."""
+    for name in names:
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def check_settings(cfg: TrainConfig, data: Dataset, device: torch.device, dist: DistInfo = SINGLE) -> None:
+    """What `fit` would refuse about these settings, for a caller to ask before it writes anything."""
+    if dist.world > 1 and cfg.freeze_conv1_after:
+        raise CapsNetError("--freeze-conv1-after works in one process only (DistributedDataParallel needs every "
+                           "parameter's gradient)")
+    resolve_precision(cfg.precision, device)
+    split_validation(data.subset(cfg.limit), cfg.val_size)
 
 
 def split_validation(data: Dataset, val_size: int):
@@ -299,9 +315,19 @@ class EpochLog:
 
 
 def _read_metrics(path: Path, upto: int) -> list[str]:
+    """The logged epochs up to `upto` (last.pt's), as lines. A line that does not read as one epoch's
+    record (cut short by a crash while it was written) is dropped: that epoch runs again."""
     if not path.exists():
         return []
-    return [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= upto]
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            epoch = json.loads(line)["epoch"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(epoch, int) and epoch <= upto:
+            kept.append(line)
+    return kept
 
 
 SESSION_KEYS = ("capsnet", "torch", "git_commit", "device", "device_name", "precision", "threads", "world_size",
@@ -337,9 +363,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
     on_epoch_end(epoch, model): a hook called on every rank after each epoch's update.
     Returns the summary written to summary.json (empty on other ranks).
     """
-    if dist.world > 1 and cfg.freeze_conv1_after:
-        raise CapsNetError("--freeze-conv1-after works in one process only (DistributedDataParallel needs every "
-                           "parameter's gradient)")
+    check_settings(cfg, data, device, dist)
     precision = resolve_precision(cfg.precision, device)
     configure(device, precision)
     train_x, train_y, val_x, val_y = split_validation(data.subset(cfg.limit), cfg.val_size)
@@ -384,8 +408,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
             info = _with_resume(info, run_dir / "config.json", start_epoch)
         write_json(run_dir / "config.json", info)
         kept = _read_metrics(metrics_path, start_epoch)  # drop epochs after the checkpoint, if any
-        with open(metrics_path, "w") as f:
-            f.write("".join(line + "\n" for line in kept))
+        atomic_write(metrics_path, "".join(line + "\n" for line in kept).encode())
     if verbose:
         log(f"capsnet {__version__}: {data.name}, {train_x.shape[0]} train / {val_x.shape[0]} val images, "
             f"{sum(p.numel() for p in model.parameters()):,} parameters, {describe(device)}, {precision}"
@@ -423,12 +446,14 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
             atomic_torch_save(model_payload(evaluated, epoch=epoch + 1, val_acc=record["val_acc"]),
                               run_dir / "model.pt")
         record["elapsed"] = time.perf_counter() - started
-        atomic_torch_save(train_state_payload(model, optimizer, cfg, epoch=epoch + 1, best=best, average=average,
-                                              elapsed=record["elapsed"]), run_dir / "last.pt")
+        # The epoch's record first, then last.pt: a crash between the two resumes from the epoch
+        # before, whose rerun drops the record and writes it again (the other order would lose it).
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        atomic_torch_save(train_state_payload(model, optimizer, cfg, epoch=epoch + 1, best=best, average=average,
+                                              elapsed=record["elapsed"]), run_dir / "last.pt")
         last_val = record["val_acc"]
         epoch_log.end(record)
 
