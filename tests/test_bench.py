@@ -100,6 +100,19 @@ def test_bench_command_prints_one_json_line(capsys):
     assert json.loads(line)["formulation"] == "baseline"
 
 
+def test_bench_compare_refuses_what_it_would_ignore_and_reports_a_child_s_error(capsys):
+    from capsnet.bench import run_in_subprocess
+
+    for argv, needle in ((["--precision", "bogus"], "unknown precision 'bogus'"),
+                         (["--fp32-routing"], "--fp32-routing works without it"),
+                         (["--no-compile", "--frozen-conv1"], "--frozen-conv1, --no-compile works without it")):
+        assert main(["bench", "--compare", "--device", "cpu", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    with pytest.raises(CapsNetError, match=r"^bench --device cpu --precision bogus: unknown precision 'bogus'"):
+        run_in_subprocess(["--device", "cpu", "--precision", "bogus"])  # the child's line, its prefix once
+
+
 def test_compile_modes_compile_what_they_name(tiny_data):
     cfg = small_model_config(tiny_data)
     for mode in ("model", "graphs"):

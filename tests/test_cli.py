@@ -123,6 +123,21 @@ def test_evaluate_on_the_validation_split_reproduces_the_logged_figures(trained_
         assert_one_line_error(code, err, "config.json: cannot read the run's validation split")
 
 
+def test_visualize_refuses_a_bad_precision_before_drawing_anything(trained_run, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "visualize", "--load", str(trained_run), "--out", str(tmp_path / "pics"),
+                           "--precision", "bogus", "--device", "cpu")
+    assert_one_line_error(code, err, "unknown precision 'bogus'")
+    assert not (tmp_path / "pics").exists() or not any((tmp_path / "pics").iterdir())
+
+
+def test_visualize_without_a_decoder_is_refused_before_training(tmp_path, capsys):
+    run = tmp_path / "norecon"
+    code, _, err = run_cli(capsys, "train", "-e", "1", "--limit", "320", "--val", "64", "--no-reconstruct",
+                           "--visualize", "--save", str(run), "--device", "cpu", "-q")
+    assert_one_line_error(code, err, "--visualize draws with the decoder", "--no-reconstruct")
+    assert not (run / "metrics.jsonl").exists() and not (run / "last.pt").exists()
+
+
 def test_evaluate_routes_as_many_times_as_told(trained_run, mnist, capsys):
     from capsnet.checkpoint import load_model
     from capsnet.config import TrainConfig

@@ -48,6 +48,7 @@ def test_precision_auto_and_explicit():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32"
     assert resolve_precision("auto", cpu) in ("bf16", "fp32")
+    assert resolve_precision("tf32", cpu) == "fp32"  # a GPU's matmul mode: a CPU runs (and reports) float32
     with pytest.raises(CapsNetError, match="unknown precision 'fp8'"):
         resolve_precision("fp8", cpu)
 

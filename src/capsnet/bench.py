@@ -19,6 +19,7 @@ import torch
 
 from .config import ModelConfig, TrainConfig
 from .data.augment import augment
+from .errors import CapsNetError
 from .model import CapsNet
 from .runtime import autocast, configure, describe, resolve_precision
 from .train import compile_model, make_optimizer, step, to_input
@@ -134,8 +135,9 @@ def run_bench(device: torch.device, *, precision: str = "auto", batch: int = 128
 def run_in_subprocess(args: list[str]) -> dict:
     """One bench in a fresh process, so each row's peak memory is its own."""
     proc = subprocess.run([sys.executable, "-m", "capsnet", "bench", "--json", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "bench failed")
+    if proc.returncode != 0:  # the child's own one-line error, or how it ended
+        why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
+        raise CapsNetError(f"bench {' '.join(args)}: {why.removeprefix('capsnet: error: ')}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

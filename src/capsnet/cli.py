@@ -303,6 +303,8 @@ def cmd_train(args) -> int:
         torch.distributed.barrier()
     if state is None:
         model_cfg = model_config_for(data, **{**recipe_model_settings(cfg.recipe), **model_overrides})
+    if args.visualize and not model_cfg.reconstruct:
+        raise CapsNetError("--visualize draws with the decoder, and --no-reconstruct trains none")
     check_settings(cfg, data, device, dist)
     remove_run_files(run_dir, old_files)
     fit(model_cfg, cfg, data, run_dir, device, resume=state, argv=sys.argv[1:], verbose=not args.quiet, dist=dist)
@@ -379,9 +381,17 @@ def cmd_visualize(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import format_table, run_bench, run_in_subprocess
+    from .runtime import resolve_precision
 
     device = _device(args)
+    resolve_precision(args.precision or "auto", device)  # a bad value stops here, before any bench runs
     if args.compare:
+        alone = [flag for flag, given in (("--baseline", args.baseline), ("--frozen-conv1", args.frozen_conv1),
+                                          ("--fp32-routing", args.fp32_routing), ("--no-compile", not args.compile),
+                                          ("--compile-mode", args.compile_mode != "layer")) if given]
+        if alone:
+            raise CapsNetError(f"--compare times the baseline and capsnet as they come; {', '.join(alone)} "
+                               "works without it")
         common = ["--device", str(device), "-b", str(args.batchsize), "--steps", str(args.steps),
                   "--warmup", str(args.warmup)]
         rows = []

@@ -44,6 +44,8 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise CapsNetError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+    if precision == "tf32" and device.type != "cuda":
+        return "fp32"  # TF32 is a GPU's matmul mode: elsewhere the same request is plain float32
     if precision != "auto":
         return precision
     if device.type == "cuda":

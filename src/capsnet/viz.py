@@ -165,6 +165,7 @@ def write_all(load: Path, data, out: Path, device: torch.device, precision: str 
         raise CapsNetError(f"{load}: this model was trained without reconstruction; there is no decoder to draw with")
     if (model.cfg.in_channels, model.cfg.image_size) != (data.in_channels, data.image_size):
         raise CapsNetError(f"{load}: the model expects {model.cfg.image_size}px images, the data has {data.image_size}")
+    precision = resolve_precision(precision, device)  # refused here, before any picture is overwritten
     out = Path(out)
     k = model.cfg.num_classes
     idx = pick_examples(data.test_labels, k, 2)
@@ -181,7 +182,7 @@ def write_all(load: Path, data, out: Path, device: torch.device, precision: str 
         sweep = tweaks(model, poses[first, cls], cls).cpu().numpy()  # [rows, d, c, h, w]
         rows = [[(im, GREEN if r == TWEAK_ROWS // 2 else BLUE) for im in sweep[r]] for r in range(TWEAK_ROWS)]
         paths.append(save_png(grid(rows), out / f"vis_tweaked{cls}.png"))
-    picture, _ = error_picture(model, data, resolve_precision(precision, device))
+    picture, _ = error_picture(model, data, precision)
     if picture is not None:
         paths.append(save_png(picture, out / "vis_errors.png"))
     return paths
