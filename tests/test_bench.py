@@ -104,8 +104,8 @@ def test_bench_compare_refuses_what_it_would_ignore_and_reports_a_child_s_error(
     from capsnet.bench import run_in_subprocess
 
     for argv, needle in ((["--precision", "bogus"], "unknown precision 'bogus'"),
-                         (["--fp32-routing"], "--fp32-routing works without it"),
-                         (["--no-compile", "--frozen-conv1"], "--frozen-conv1, --no-compile works without it")):
+                         (["--fp32-routing"], "so it cannot take --fp32-routing"),
+                         (["--no-compile", "--frozen-conv1"], "cannot take --frozen-conv1, --no-compile")):
         assert main(["bench", "--compare", "--device", "cpu", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err

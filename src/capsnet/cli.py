@@ -390,8 +390,8 @@ def cmd_bench(args) -> int:
                                           ("--fp32-routing", args.fp32_routing), ("--no-compile", not args.compile),
                                           ("--compile-mode", args.compile_mode != "layer")) if given]
         if alone:
-            raise CapsNetError(f"--compare times the baseline and capsnet as they come; {', '.join(alone)} "
-                               "works without it")
+            raise CapsNetError(f"--compare times the baseline and capsnet as they come, so it cannot take "
+                               f"{', '.join(alone)}")
         common = ["--device", str(device), "-b", str(args.batchsize), "--steps", str(args.steps),
                   "--warmup", str(args.warmup)]
         rows = []
