@@ -1,7 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from capsnet import fastconv
+from capsnet import cpu_kernels, fastconv
 
 
 def test_im2col_matches_unfold():
@@ -12,13 +13,49 @@ def test_im2col_matches_unfold():
     assert torch.equal(cols, ref)
 
 
-def test_gemm_weight_gradient_equals_the_library_one():
+def _library_grads(x, weight, gy, stride):
+    """(d x, d weight) of sum(conv2d(x, weight) * gy), from PyTorch's own convolution backward."""
+    return torch.ops.aten.convolution_backward(gy, x, weight, None, [stride, stride], [0, 0], [1, 1], False,
+                                               [0, 0], 1, [True, True, False])[:2]
+
+
+def test_gemm_gradients_equal_the_library_ones():
     torch.manual_seed(0)
     x = torch.randn(3, 16, 20, 20, dtype=torch.float64)
+    w = torch.randn(24, 16, 9, 9, dtype=torch.float64)
     gy = torch.randn(3, 24, 6, 6, dtype=torch.float64)
-    ref = torch.ops.aten.convolution_backward(gy, x, torch.zeros(24, 16, 9, 9, dtype=torch.float64), None, [2, 2],
-                                              [0, 0], [1, 1], False, [0, 0], 1, [False, True, False])[1]
-    assert torch.allclose(fastconv.conv_weight_grad(x, gy, 9, 2), ref, atol=1e-10)
+    ref_x, ref_w = _library_grads(x, w, gy, 2)
+    assert torch.allclose(fastconv.conv_weight_grad(x, gy, 9, 2), ref_w, atol=1e-10)
+    assert torch.allclose(fastconv.conv_input_grad(gy, w, 20, 20, 2), ref_x, atol=1e-10)
+
+
+@pytest.mark.parametrize("size, kernel, stride", [(20, 9, 2), (11, 3, 2), (12, 3, 3), (7, 2, 1)])
+def test_fold_is_the_adjoint_of_im2col(size, kernel, stride):
+    """<fold(P), X> = <P, im2col(X)> for every P and X: each patch goes back where it came from,
+    also where the last rows and columns of the image are in no patch (12 with 3 and stride 3 is
+    not: 11 with 3 and stride 2 is covered, 20 with 9 and stride 2 leaves the last row out)."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, size, size, dtype=torch.float64)
+    o = (size - kernel) // stride + 1
+    p = torch.randn(2, o, o, kernel, kernel, 5, dtype=torch.float64)
+    cols = fastconv.im2col_nhwc(x, kernel, stride).view(p.shape)
+    folded = fastconv.fold_nhwc(p, size, size, stride)  # [b, h, w, c]
+    assert folded.shape == (2, size, size, 5)
+    assert torch.allclose((folded * x.permute(0, 2, 3, 1)).sum(), (p * cols).sum(), rtol=1e-12)
+
+
+@pytest.mark.skipif(not cpu_kernels.fold_available(), reason="no C++ compiler: the kernel is optional")
+@pytest.mark.parametrize("shape, stride", [((3, 6, 6, 9, 9, 256), 2), ((2, 4, 5, 3, 3, 7), 2), ((1, 3, 3, 2, 2, 33), 1)])
+def test_fold_kernel_matches_the_float64_sum(shape, stride):
+    torch.manual_seed(2)
+    b, oh, ow, k, _, c = shape
+    h, w = (oh - 1) * stride + k + 1, (ow - 1) * stride + k  # one row that no patch covers
+    p = torch.randn(shape).to(torch.bfloat16)
+    ref = fastconv.fold_nhwc(p.double(), h, w, stride)  # the tensor-operation path, in float64
+    got = cpu_kernels.fold(p, h, w, stride)
+    assert got.dtype == torch.bfloat16 and got.shape == (b, h, w, c)
+    assert torch.equal(got, ref.to(torch.bfloat16))  # float32 sums of at most 81 terms, rounded once
+    assert torch.all(got[:, -1] == 0)
 
 
 def test_bf16_conv_gradients_agree_with_plain_autograd():
@@ -30,17 +67,44 @@ def test_bf16_conv_gradients_agree_with_plain_autograd():
         conv.zero_grad()
         x.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = fastconv.conv2d(x, conv.weight, conv.bias, 2, gemm_weight_grad=gemm)
+            y = fastconv.conv2d(x, conv.weight, conv.bias, 2, gemm=gemm)
         assert y.dtype == torch.bfloat16 and y.shape == (4, 24, 6, 6)
         (y.float() ** 2).sum().backward()
-        grads.append((x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()))
+        grads.append((y.detach().float(), x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()))
     for ours, ref in zip(*grads):
         assert ours.dtype == torch.float32
         assert ((ours - ref).norm() / ref.norm()) < 2e-2  # bf16 rounding, not a different function
+
+
+def test_two_forwards_before_one_backward():
+    """The patches kept for the weight gradient live in a shared buffer: a second call before the
+    backward pass overwrites them, and the first call's gradient must not use the second's."""
+    torch.manual_seed(3)
+    w = torch.randn(8, 4, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    x1 = torch.randn(2, 4, 9, 9, dtype=torch.bfloat16, requires_grad=True)
+    x2 = torch.randn(2, 4, 9, 9, dtype=torch.bfloat16, requires_grad=True)
+    gy1, gy2 = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16), torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
+    y1 = fastconv.conv2d(x1, w, None, 2)
+    y2 = fastconv.conv2d(x2, w, None, 2)
+    ((y1 * gy1).sum() + (y2 * gy2).sum()).float().backward()
+    _, w1 = _library_grads(x1.detach().double(), w.detach().double(), gy1.double(), 2)
+    _, w2 = _library_grads(x2.detach().double(), w.detach().double(), gy2.double(), 2)
+    assert torch.allclose(w.grad.double(), w1 + w2, rtol=2e-2, atol=5e-2)
+
+
+def test_inference_gives_the_training_forward():
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(6, 8, 3, stride=2)
+    x = torch.randn(2, 6, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_train = fastconv.conv2d(x, conv.weight, conv.bias, 2)
+        with torch.no_grad():
+            y_infer = fastconv.conv2d(x, conv.weight, conv.bias, 2)
+    assert y_train.requires_grad and not y_infer.requires_grad
+    assert torch.equal(y_train.detach(), y_infer)
 
 
 def test_fp32_path_is_the_library_convolution():
     conv = torch.nn.Conv2d(3, 4, 3, stride=2)
     x = torch.randn(2, 3, 9, 9)
     assert torch.equal(fastconv.conv2d(x, conv.weight, conv.bias, 2), conv(x))
-

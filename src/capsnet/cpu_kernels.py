@@ -1,9 +1,10 @@
-"""The fused CPU routing kernel (kernels/routing_cpu.cpp): built on first use, called via ctypes.
+"""capsnet's C++ kernels for the CPU, built on first use and called via ctypes: the fused routing
+(kernels/routing_cpu.cpp) and the fold of a convolution's patch gradient (kernels/fold_cpu.cpp).
 
-The source is compiled once per machine with the system's C++ compiler into the cache
+Each source is compiled once per machine with the system's C++ compiler into the cache
 (~/.cache/capsnet/kernels, or $CAPSNET_CACHE). Where there is no compiler, or the build fails,
-`available()` is False and capsnet routes with PyTorch operations instead; nothing else changes.
-CAPSNET_NO_KERNELS=1 turns the kernel off.
+`available()` (routing) or `fold_available()` is False and capsnet does the same work with PyTorch
+operations instead; nothing else changes. CAPSNET_NO_KERNELS=1 turns both off.
 """
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels") / "routing_cpu.cpp"
+FOLD_SOURCE = SOURCE.with_name("fold_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-ffast-math", "-mprefer-vector-width=512", "-fno-math-errno",
          "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 _lib = None
 _tried = False
+_fold_lib = None
+_fold_tried = False
 
 
 def _cache_dir() -> Path:
@@ -30,32 +34,48 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    """Compile (or find in the cache) and load the kernel; extra_flags serve the tests (e.g. to
-    build the portable path on an AVX-512 machine)."""
+def _compile(source_path: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """Compile source_path (or find it in the cache) and load it; None where it cannot be built."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         return None
     flags = [*FLAGS, *extra_flags]
-    source = SOURCE.read_bytes()
+    source = source_path.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"routing_cpu_{key}.so"
+    target = _cache_dir() / f"{source_path.stem}_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
         os.close(fd)
-        proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *flags, str(source_path), "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             Path(tmp).unlink(missing_ok=True)
-            warnings.warn(f"capsnet: could not build the CPU routing kernel ({proc.stderr.strip()[:200]}); "
-                          "using PyTorch operations")
+            warnings.warn(f"capsnet: could not build the CPU kernel {source_path.name} "
+                          f"({proc.stderr.strip()[:200]}); using PyTorch operations")
             return None
         os.replace(tmp, target)  # atomic: a concurrent process sees the whole library or none
-    lib = ctypes.CDLL(str(target))
+    return ctypes.CDLL(str(target))
+
+
+def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The routing kernel; extra_flags serve the tests (e.g. to build the portable path on an
+    AVX-512 machine)."""
+    lib = _compile(SOURCE, extra_flags)
+    if lib is None:
+        return None
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.routing_forward.argtypes = [ptr, i32, i64, i64, i64, i64, i32, i32, i32, i32, i32, ptr, ptr, ptr, ptr, i32]
     lib.routing_backward.argtypes = [ptr, i32, i64, i64, i64, i64, i32, i32, i32, i32, i32, ptr, ptr, ptr, ptr,
                                      ptr, i32, i32]
+    return lib
+
+
+def _build_fold(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    lib = _compile(FOLD_SOURCE, extra_flags)
+    if lib is None:
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.fold_nhwc_bf16.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_int]
     return lib
 
 
@@ -70,6 +90,31 @@ def available() -> bool:
                 warnings.warn(f"capsnet: CPU routing kernel unavailable ({exc}); using PyTorch operations")
                 _lib = None
     return _lib is not None
+
+
+def fold_available() -> bool:
+    global _fold_lib, _fold_tried
+    if not _fold_tried:
+        _fold_tried = True
+        if os.environ.get("CAPSNET_NO_KERNELS") != "1":
+            try:
+                _fold_lib = _build_fold()
+            except OSError as exc:
+                warnings.warn(f"capsnet: CPU fold kernel unavailable ({exc}); using PyTorch operations")
+                _fold_lib = None
+    return _fold_lib is not None
+
+
+def fold(patches: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
+    """patches [b, oh, ow, k, k, c] (bf16, contiguous) -> [b, height, width, c] (bf16): every patch
+    added back where it was taken from (col2im), the sums in float32. Needs fold_available()."""
+    b, oh, ow, k, _, c = patches.shape
+    assert patches.dtype == torch.bfloat16 and patches.is_contiguous()
+    assert (oh - 1) * stride + k <= height and (ow - 1) * stride + k <= width
+    out = patches.new_empty(b, height, width, c)
+    _fold_lib.fold_nhwc_bf16(patches.data_ptr(), out.data_ptr(), b, oh, ow, k, stride, c, height, width,
+                             torch.get_num_threads())
+    return out
 
 
 def _layout(u_hat: torch.Tensor, batch: int, groups: int):

@@ -1,28 +1,49 @@
-"""A convolution whose weight gradient is one explicit GEMM (the PrimaryCaps conv on CPU, bf16).
+"""A convolution computed as explicit GEMMs (the PrimaryCaps conv on CPU, in bf16).
 
 The PrimaryCaps convolution (256 -> 256 channels, 9x9, stride 2) is about 95% of CapsNet's
-arithmetic. oneDNN runs its forward and input gradient near the bf16 GEMM rate on CPU but its
-weight gradient at about half (measured: 273 ms for 128 images, against 152 ms here). So the
-forward and the input gradient stay with the library, and the weight gradient is written out:
-gather the input patches once (im2col, channels last, a plain strided copy) and multiply.
+arithmetic. On the CPU in bf16, oneDNN's convolutions ran it well below the rate of a plain GEMM
+of the same size on both machines this project has measured (docs/speed.md). So all three of its
+products are written out here, around one gather of the input patches (im2col, channels last, a
+plain strided copy into a reused buffer):
+
+    forward          out [b*oh*ow, co]        = patches [b*oh*ow, k*k*c] @ W [co, k*k*c]^T
+    weight gradient  dW [co, k*k*c]           = grad_out [b*oh*ow, co]^T @ patches
+    input gradient   dpatches [b*oh*ow, k*k*c] = grad_out @ W, then folded back onto the image
+                     (col2im: every patch added where it came from; cpu_kernels.fold, float32 sums)
+
+The forward's patches are kept for the weight gradient, and the patch gradient is written into
+the same buffer once they are used: one 95 MB buffer (bf16, 64 MNIST images) serves the step.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 
-# One reusable buffer for the patches (191 MB in bf16 for 128 MNIST images). Allocating it
+# One reusable buffer for the patches and, in the backward pass, their gradient. Allocating it
 # afresh each step costs more than the copy itself: the kernel hands over new zeroed pages.
-_workspace: dict[str, torch.Tensor] = {}
+# "generation" counts what has been written into it, so that a backward pass knows whether the
+# patches its forward gathered are still there (not when the layer ran twice before backward).
+_workspace: dict = {"cols": None, "generation": 0}
 
 
 def _buffer(shape, dtype, device) -> torch.Tensor:
-    buf = _workspace.get("cols")
+    buf = _workspace["cols"]
     if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
-        _workspace.pop("cols", None)
+        _workspace["cols"] = None
         buf = _workspace["cols"] = torch.empty(shape, dtype=dtype, device=device)
+    _workspace["generation"] += 1  # the caller is about to overwrite it
     return buf
+
+
+def _still_holds(generation: int, shape) -> bool:
+    buf = _workspace["cols"]
+    return _workspace["generation"] == generation and buf is not None and buf.shape == shape
+
+
+def _output_size(size: int, kernel: int, stride: int) -> int:
+    return (size - kernel) // stride + 1
 
 
 def im2col_nhwc(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
@@ -31,7 +52,7 @@ def im2col_nhwc(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     The result lives in a shared buffer that the next call overwrites: use it at once.
     """
     b, c, h, w = x.shape
-    oh, ow = (h - kernel) // stride + 1, (w - kernel) // stride + 1
+    oh, ow = _output_size(h, kernel, stride), _output_size(w, kernel, stride)
     nhwc = x.permute(0, 2, 3, 1).contiguous()  # free when x is already channels_last
     windows = nhwc.as_strided((b, oh, ow, kernel, kernel, c),
                               (h * w * c, stride * w * c, stride * c, w * c, c, 1))
@@ -40,45 +61,105 @@ def im2col_nhwc(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     return cols.view(b * oh * ow, kernel * kernel * c)
 
 
+def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """[co, c, k, k] -> [co, k * k * c], ordered as the patches (kh, kw, c)."""
+    co, c, k, _ = weight.shape
+    return weight.permute(0, 2, 3, 1).reshape(co, k * k * c)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[b, co, oh, ow] -> [b * oh * ow, co] (a view when t is channels last)."""
+    b, co, oh, ow = t.shape
+    return t.permute(0, 2, 3, 1).reshape(b * oh * ow, co)
+
+
 def conv_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     """d loss / d weight for conv2d(x, weight, stride=stride), no padding: [co, c, k, k]."""
-    b, co, oh, ow = grad_out.shape
     cols = im2col_nhwc(x, kernel, stride)  # [b*oh*ow, k*k*c]
-    g = grad_out.permute(0, 2, 3, 1).reshape(b * oh * ow, co)  # [b*oh*ow, co]
-    return (g.t() @ cols).view(co, kernel, kernel, x.shape[1]).permute(0, 3, 1, 2)  # [co, c, k, k]
+    return _weight_grad(cols, _rows(grad_out), kernel, x.shape[1])
 
 
-class _GemmWeightGradConv(torch.autograd.Function):
+def _weight_grad(cols: torch.Tensor, g: torch.Tensor, kernel: int, channels: int) -> torch.Tensor:
+    co = g.shape[1]
+    return (g.t() @ cols).view(co, kernel, kernel, channels).permute(0, 3, 1, 2)  # [co, c, k, k]
+
+
+def fold_nhwc(patches: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
+    """patches [b, oh, ow, k, k, c] -> [b, height, width, c], every patch added back where it was
+    taken from (im2col's adjoint), summed in float32 and returned in the patches' dtype."""
+    if patches.dtype == torch.bfloat16 and patches.device.type == "cpu" and cpu_kernels.fold_available():
+        return cpu_kernels.fold(patches.contiguous(), height, width, stride)
+    b, oh, ow, k, _, c = patches.shape
+    out = patches.new_zeros(b, height, width, c, dtype=torch.promote_types(patches.dtype, torch.float32))
+    span_h, span_w = (oh - 1) * stride + 1, (ow - 1) * stride + 1
+    for kh in range(k):  # k*k strided adds: the kernel's work as tensor operations
+        for kw in range(k):
+            out[:, kh:kh + span_h:stride, kw:kw + span_w:stride, :] += patches[:, :, :, kh, kw, :]
+    return out.to(patches.dtype)
+
+
+def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, height: int, width: int,
+                    stride: int) -> torch.Tensor:
+    """d loss / d x for conv2d(x, weight, stride=stride), no padding, x of size height x width:
+    [b, c, height, width] (channels-last strides)."""
+    b, co, oh, ow = grad_out.shape
+    _, c, k, _ = weight.shape
+    cols = _buffer((b, oh, ow, k, k, c), grad_out.dtype, grad_out.device)
+    torch.mm(_rows(grad_out), _weight_matrix(weight), out=cols.view(b * oh * ow, k * k * c))  # [b*oh*ow, k*k*c]
+    return fold_nhwc(cols, height, width, stride).permute(0, 3, 1, 2)
+
+
+def _gemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
+    """conv2d(x, weight, bias, stride), no padding: [b, co, oh, ow] with channels-last strides."""
+    b, c, h, w = x.shape
+    co, _, k, _ = weight.shape
+    cols = im2col_nhwc(x, k, stride)  # [b*oh*ow, k*k*c]
+    wm = _weight_matrix(weight)  # [co, k*k*c]
+    out = cols @ wm.t() if bias is None else torch.addmm(bias, cols, wm.t())  # [b*oh*ow, co]
+    return out.view(b, _output_size(h, k, stride), _output_size(w, k, stride), co).permute(0, 3, 1, 2)
+
+
+class _GemmConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride: int):
+        out = _gemm_forward(x, weight, bias, stride)
         ctx.save_for_backward(x, weight)
-        ctx.stride = stride
-        return F.conv2d(x, weight, bias, stride=stride)
+        ctx.stride, ctx.generation = stride, _workspace["generation"]  # the buffer holds x's patches
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        s = ctx.stride
-        grad_out = grad_out.contiguous()
+        s, k, (b, c, h, w) = ctx.stride, weight.shape[-1], x.shape
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [s, s], [0, 0], [1, 1], False,
-                                                         [0, 0], 1, [True, False, False])[0]
+        g = _rows(grad_out)  # [b*oh*ow, co]
         if ctx.needs_input_grad[1]:
-            grad_w = conv_weight_grad(x, grad_out, weight.shape[-1], s).to(weight.dtype)
+            oh, ow = _output_size(h, k, s), _output_size(w, k, s)
+            if _still_holds(ctx.generation, (b, oh, ow, k, k, c)):
+                cols = _workspace["cols"].view(b * oh * ow, k * k * c)
+            else:  # the layer ran again before this backward pass: gather the patches anew
+                cols = im2col_nhwc(x, k, s)
+            grad_w = _weight_grad(cols, g, k, c).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum(dim=(0, 2, 3))
+            grad_b = g.sum(dim=0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:  # last: its patch gradient overwrites the patches
+            grad_x = conv_input_grad(grad_out, weight, h, w, s)
         return grad_x, grad_w, grad_b, None
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, *,
-           gemm_weight_grad: bool = True) -> torch.Tensor:
-    """F.conv2d (square kernel, no padding) with the GEMM weight gradient where it pays: bf16 on CPU."""
+           gemm: bool = True) -> torch.Tensor:
+    """F.conv2d (square kernel, no padding), computed as GEMMs where that pays: bf16 on the CPU.
+
+    gemm=False gives the library's convolution everywhere."""
     low = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    if not (gemm_weight_grad and x.device.type == "cpu" and (low or x.dtype == torch.bfloat16)
-            and torch.is_grad_enabled() and weight.requires_grad):
+    if not (gemm and x.device.type == "cpu" and (low or x.dtype == torch.bfloat16)):
         return F.conv2d(x, weight, bias, stride=stride)
     dt = torch.bfloat16
     with torch.autocast("cpu", enabled=False):
-        return _GemmWeightGradConv.apply(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), stride)
-
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad))):
+            return _gemm_forward(x, weight, bias, stride)  # inference: nothing kept for a backward pass
+        return _GemmConv.apply(x, weight, bias, stride)

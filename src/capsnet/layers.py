@@ -21,11 +21,11 @@ class PrimaryCaps(nn.Module):
         super().__init__()
         self.types, self.dim = types, dim
         self.conv = nn.Conv2d(in_channels, types * dim, kernel, stride=stride)
-        self.gemm_weight_grad = True  # see fastconv: False gives the plain library convolution
+        self.gemm = True  # the convolution as explicit GEMMs on CPU in bf16 (fastconv); False: the library's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = fastconv.conv2d(x, self.conv.weight, self.conv.bias, self.conv.stride[0],
-                              gemm_weight_grad=self.gemm_weight_grad)  # [b, types * dim, g, g]
+                              gemm=self.gemm)  # [b, types * dim, g, g]
         b, _, g, _ = out.shape
         out = out.view(b, self.types, self.dim, g, g)
         out = out.permute(0, 1, 3, 4, 2).reshape(b, self.types * g * g, self.dim)  # [b, i, d]
