@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from capsnet.cli import main
+from capsnet.cli import errors_in, main
 
 
 def run_cli(capsys, *argv):
@@ -93,7 +93,7 @@ def test_evaluate_on_the_validation_split_reproduces_the_logged_figures(trained_
     for load, val_acc in ((trained_run, summary["val_acc"]), (trained_run / "final.pt", last["val_acc"])):
         code, out, _ = run_cli(capsys, "evaluate", "--load", str(load), "--split", "val", "--device", "cpu")
         assert code == 0
-        assert out.startswith(f"validation accuracy {val_acc * 100:.2f}% ({round((1 - val_acc) * 64)} errors in 64)")
+        assert out.startswith(f"validation accuracy {val_acc * 100:.2f}% ({errors_in(round((1 - val_acc) * 64), 64)})")
     alone = tmp_path / "alone"
     alone.mkdir()
     (alone / "model.pt").write_bytes((trained_run / "model.pt").read_bytes())
@@ -108,7 +108,7 @@ def test_evaluate_on_the_validation_split_reproduces_the_logged_figures(trained_
     assert correct[1:].any() and not correct[1:].all()
     config = json.loads((trained_run / "config.json").read_text())
     for index, expected in ((1 + int(correct[1:].nonzero()[0]), "100.00% (0 errors in 1)"),  # index 0 would
-                            (1 + int((~correct[1:]).nonzero()[0]), "0.00% (1 errors in 1)")):  # leave no training
+                            (1 + int((~correct[1:]).nonzero()[0]), "0.00% (1 error in 1)")):  # leave no training
         config["train"].update(limit=index + 1, val_size=1)
         (alone / "config.json").write_text(json.dumps(config))
         code, out, _ = run_cli(capsys, "evaluate", "--load", str(alone), "--split", "val", "--device", "cpu")
@@ -157,7 +157,7 @@ def test_evaluate_routes_as_many_times_as_told(trained_run, mnist, capsys):
     ok, n = evaluate(model, mnist.test_images, mnist.test_labels, TrainConfig(eval_batch_size=500),
                      resolve_precision("auto", torch.device("cpu")))
     code, out, _ = run_cli(capsys, "evaluate", "--load", str(trained_run), "--device", "cpu", "--routing-iters", "1")
-    assert code == 0 and f"({n - ok} errors in {n})" in out and "1 routing iteration (trained with 3)" in out
+    assert code == 0 and f"({errors_in(n - ok, n)})" in out and "1 routing iteration (trained with 3)" in out
     code, _, err = run_cli(capsys, "evaluate", "--load", str(trained_run), "--routing-iters", "0")
     assert_one_line_error(code, err, "--routing-iters", "must be positive")
 
@@ -378,7 +378,11 @@ def test_corrupt_data_names_the_file(tmp_path, capsys):
     assert_one_line_error(code, err, "train-images-idx3-ubyte")
 
 
-def test_running_out_of_memory_or_an_interrupt_is_one_line(monkeypatch, capsys):
+def test_errors_in_counts_in_words():
+    assert [errors_in(k, 10) for k in (0, 1, 2)] == ["0 errors in 10", "1 error in 10", "2 errors in 10"]
+
+
+def test_running_out_of_memory_or_an_interrupt_is_one_line(monkeypatch, capsys, tmp_path):
     import capsnet.cli
 
     def fail_with(exc):
@@ -397,8 +401,15 @@ def test_running_out_of_memory_or_an_interrupt_is_one_line(monkeypatch, capsys):
     code, _, err = run_cli(capsys, "report")
     assert code == 130 and err.strip() == "capsnet: interrupted"  # no last.pt to speak of
     monkeypatch.setitem(capsnet.cli.COMMANDS, "train", fail_with(KeyboardInterrupt()))
-    code, _, err = run_cli(capsys, "train")
-    assert code == 130 and "last.pt" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--save", str(run))  # before the first epoch ended
+    assert code == 130 and err.strip() == "capsnet: interrupted before the first epoch ended: no last.pt to resume from"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")
+    for flag in ("--save", "--resume"):
+        code, _, err = run_cli(capsys, "train", flag, str(run))
+        assert code == 130 and err.strip() == f"capsnet: interrupted; training continues from the last finished " \
+                                              f"epoch with --resume {run}"
 
 
 def test_console_script_runs():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from capsnet.errors import CapsNetError
-from capsnet.runtime import resolve_device, resolve_precision
+from capsnet.runtime import cpu_model, describe, resolve_device, resolve_precision
 
 CHURN = """
 import resource, sys, torch
@@ -59,3 +59,15 @@ def test_device_spellings():
     assert resolve_device("auto").type in ("cpu", "cuda")
     with pytest.raises(CapsNetError, match="unknown device"):
         resolve_device("not-a-device")
+
+
+def test_the_cpu_model_names_the_machine_in_the_logs():
+    intel = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n" \
+            "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu\n"
+    assert cpu_model(intel) == "Intel(R) Xeon(R) Processor, AMX"  # the first CPU's line
+    assert cpu_model("model name\t: AMD EPYC 9B14\nflags\t\t: fpu avx512_bf16\n") == "AMD EPYC 9B14"
+    assert cpu_model("flags\t\t: fpu\n") is None and cpu_model("") is None
+    name = describe(torch.device("cpu"))
+    assert name.startswith(f"cpu ({torch.get_num_threads()} threads, ")
+    model = cpu_model()
+    assert name.endswith(f"; {model})" if model else " cores)")

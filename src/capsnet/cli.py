@@ -343,8 +343,22 @@ def cmd_evaluate(args) -> int:
     ok, n = evaluate(model, images, labels, cfg, precision)
     routing = "" if args.routing_iters is None else \
         f", {args.routing_iters} routing iteration{'s' if args.routing_iters > 1 else ''} (trained with {trained_iters})"
-    print(f"{name} accuracy {ok / n * 100:.2f}% ({n - ok} errors in {n}), {precision}{routing}")
+    print(f"{name} accuracy {ok / n * 100:.2f}% ({errors_in(n - ok, n)}), {precision}{routing}")
     return 0
+
+
+def errors_in(errors: int, images: int) -> str:
+    return f"{errors} error{'' if errors == 1 else 's'} in {images}"
+
+
+def _interrupted(args) -> str:
+    """What Ctrl-C leaves: for train, a run to resume only once an epoch has ended (last.pt)."""
+    if args.command != "train":
+        return "capsnet: interrupted"
+    run = args.resume if args.resume is not None else args.save
+    if run is not None and (run / "last.pt").is_file():
+        return f"capsnet: interrupted; training continues from the last finished epoch with --resume {run}"
+    return "capsnet: interrupted before the first epoch ended: no last.pt to resume from"
 
 
 def _held_out_split(load: Path) -> tuple[int, int]:
@@ -464,8 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capsnet: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("capsnet: interrupted" + ("; training continues from the last finished epoch (last.pt) with "
-                                        "--resume RUN" if args.command == "train" else ""), file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 130
     except MemoryError:
         print("capsnet: error: out of memory; try a smaller --batchsize", file=sys.stderr)

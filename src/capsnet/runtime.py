@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -97,10 +98,31 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def cpu_model(cpuinfo: str | None = None) -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), with ", AMX" where it has AMX's bf16
+    tiles (which change what is fast); None where there is no such file."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    name = flags = None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name is None:
+            name = value.strip()
+        elif key.strip() == "flags" and flags is None:
+            flags = value.split()
+    if not name:
+        return None
+    return name + (", AMX" if flags and "amx_bf16" in flags else "")
+
+
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
+    model = cpu_model()
+    return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores{'; ' + model if model else ''})"
 
 
 @dataclass(frozen=True)
