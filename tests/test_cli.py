@@ -386,7 +386,7 @@ def test_running_out_of_memory_or_an_interrupt_is_one_line(monkeypatch, capsys, 
     import capsnet.cli
 
     def fail_with(exc):
-        def command(args):
+        def command(*args, **kwargs):
             raise exc
         return command
 
@@ -400,16 +400,23 @@ def test_running_out_of_memory_or_an_interrupt_is_one_line(monkeypatch, capsys, 
     monkeypatch.setitem(capsnet.cli.COMMANDS, "report", fail_with(KeyboardInterrupt()))
     code, _, err = run_cli(capsys, "report")
     assert code == 130 and err.strip() == "capsnet: interrupted"  # no last.pt to speak of
-    monkeypatch.setitem(capsnet.cli.COMMANDS, "train", fail_with(KeyboardInterrupt()))
+    # train: the interrupt reaches main from inside cmd_train, after it chose the run's directory
+    import capsnet.data
+    import capsnet.train
+
+    monkeypatch.setattr(capsnet.data, "load_dataset", fail_with(KeyboardInterrupt()))
+    monkeypatch.setattr(capsnet.train, "resume_state", fail_with(KeyboardInterrupt()))
+    monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "--save", str(run))  # before the first epoch ended
     assert code == 130 and err.strip() == "capsnet: interrupted before the first epoch ended: no last.pt to resume from"
-    run.mkdir()
-    (run / "last.pt").write_bytes(b"")
-    for flag in ("--save", "--resume"):
-        code, _, err = run_cli(capsys, "train", flag, str(run))
+    for flags, where in ((["--save", str(run), "--force"], run), (["--resume", str(run)], run),
+                         (["--force"], Path("runs") / "mnist")):  # the default directory
+        where.mkdir(parents=True, exist_ok=True)
+        (where / "last.pt").write_bytes(b"")
+        code, _, err = run_cli(capsys, "train", *flags)
         assert code == 130 and err.strip() == f"capsnet: interrupted; training continues from the last finished " \
-                                              f"epoch with --resume {run}"
+                                              f"epoch with --resume {where}", flags
 
 
 def test_console_script_runs():

@@ -1,4 +1,6 @@
 """The fused C++ routing kernel computes exactly what the PyTorch routing computes."""
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -101,3 +103,13 @@ def test_portable_kernel_without_avx512_matches_autograd(tmp_path, monkeypatch):
     _check_against_autograd(u_hat, None, 3, 3, False)
     bias = (torch.randn(10, 16) * 0.3).requires_grad_()
     _check_against_autograd(u_hat, bias, 3, 3, False)
+
+
+def test_loading_the_kernels_leaves_denormals_alone():
+    """Linked with -ffast-math, a library turns on flush-to-zero for the process when it loads."""
+    code = ("import torch; from capsnet import cpu_kernels\n"
+            "assert cpu_kernels.available() and cpu_kernels.fold_available()\n"
+            "x = torch.tensor([1e-40]); print((x * 1).item() > 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"

@@ -108,3 +108,45 @@ def test_fp32_path_is_the_library_convolution():
     conv = torch.nn.Conv2d(3, 4, 3, stride=2)
     x = torch.randn(2, 3, 9, 9)
     assert torch.equal(fastconv.conv2d(x, conv.weight, conv.bias, 2), conv(x))
+
+
+def test_inference_runs_in_chunks_with_a_training_sized_buffer():
+    """Without a gradient the products take INFERENCE_CHUNK images at a time: the same output as one
+    product over the whole batch (130 = 64 + 64 + 2 images), and a patch buffer no larger."""
+    torch.manual_seed(5)
+    w, bias = torch.randn(8, 4, 3, 3, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
+    x = torch.randn(130, 4, 9, 9, dtype=torch.bfloat16)
+    fastconv._workspace["flat"] = None
+    with torch.no_grad():
+        y = fastconv.conv2d(x, w, bias, 2)
+    assert fastconv._workspace["flat"].numel() == fastconv.INFERENCE_CHUNK * 4 * 4 * 3 * 3 * 4
+    ref = F.conv2d(x.double(), w.double(), bias.double(), stride=2)
+    assert y.shape == ref.shape and torch.allclose(y.double(), ref, rtol=2e-2, atol=5e-2)
+    assert torch.equal(y, fastconv._gemm_forward(x, w, bias, 2))  # the whole batch in one product
+
+
+def test_a_buffer_made_in_inference_mode_serves_training_after():
+    torch.manual_seed(6)
+    w = torch.randn(8, 4, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.bfloat16)
+    fastconv._workspace["flat"] = None
+    with torch.inference_mode():
+        fastconv.conv2d(x, w, None, 2)
+    fastconv.conv2d(x, w, None, 2).float().sum().backward()  # "inplace update to inference tensor" before
+    _, ref = _library_grads(x.double(), w.detach().double(), torch.ones(2, 8, 4, 4, dtype=torch.float64), 2)
+    assert torch.allclose(w.grad.double(), ref, rtol=2e-2, atol=5e-2)
+
+
+def test_frozen_input_gets_only_the_weight_gradient():
+    """As after --freeze-conv1-after: the input needs no gradient, the weights and bias do."""
+    torch.manual_seed(7)
+    conv = torch.nn.Conv2d(16, 24, 9, stride=2)
+    x = torch.randn(4, 16, 20, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fastconv.conv2d(x, conv.weight, conv.bias, 2)
+    gy = torch.randn(4, 24, 6, 6)
+    (y.float() * gy).sum().backward()
+    ref_w = _library_grads(x.double(), conv.weight.detach().double(), gy.double(), 2)[1]
+    assert ((conv.weight.grad.double() - ref_w).norm() / ref_w.norm()) < 1e-2
+    ref_b = gy.double().sum(dim=(0, 2, 3))
+    assert ((conv.bias.grad.double() - ref_b).norm() / ref_b.norm()) < 1e-2  # gy and the sum in bf16

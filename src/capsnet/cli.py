@@ -271,7 +271,7 @@ def cmd_train(args) -> int:
     if args.resume is not None:
         if args.save is not None and args.save.resolve() != args.resume.resolve():
             raise CapsNetError("--save and --resume name different directories; a resumed run stays where it is")
-        run_dir = args.resume
+        run_dir = args.run_dir = args.resume  # args.run_dir: for the Ctrl-C message (main)
         state = resume_state(run_dir)
         model_cfg, cfg = configs_from_state(state)
         if args.recipe is not None and args.recipe != cfg.recipe:
@@ -294,6 +294,7 @@ def cmd_train(args) -> int:
         state = None
         cfg = recipe_config(args.recipe or "default", **train_overrides)
         run_dir = args.save or Path("runs") / cfg.dataset
+        args.run_dir = run_dir
         old_files = prepare_run_dir(run_dir, force=args.force) if dist.is_main else []
 
     if dist.world > 1 and not dist.is_main:
@@ -355,7 +356,7 @@ def _interrupted(args) -> str:
     """What Ctrl-C leaves: for train, a run to resume only once an epoch has ended (last.pt)."""
     if args.command != "train":
         return "capsnet: interrupted"
-    run = args.resume if args.resume is not None else args.save
+    run = getattr(args, "run_dir", None)  # set by cmd_train once it knows the run's directory
     if run is not None and (run / "last.pt").is_file():
         return f"capsnet: interrupted; training continues from the last finished epoch with --resume {run}"
     return "capsnet: interrupted before the first epoch ended: no last.pt to resume from"

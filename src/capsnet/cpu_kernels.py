@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -21,8 +22,12 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels") / "routing_cpu.cpp"
 FOLD_SOURCE = SOURCE.with_name("fold_cpu.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-ffast-math", "-mprefer-vector-width=512", "-fno-math-errno",
+# Compiler flags. The library is linked in a second step without them: linked with -ffast-math,
+# GCC adds a start-up routine that turns on flush-to-zero for the whole process when the library
+# loads, which would change PyTorch's own arithmetic (denormals) behind the user's back.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++17", "-ffast-math", "-mprefer-vector-width=512", "-fno-math-errno",
          "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+LINK_FLAGS = ["-shared", "-fopenmp"]
 _lib = None
 _tried = False
 _fold_lib = None
@@ -34,6 +39,18 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _machine() -> str:
+    """What -march=native compiles for: the CPU's feature flags (a cache shared between machines
+    must not hand one machine's build to another)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.machine() + " " + platform.processor()
+
+
 def _compile(source_path: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """Compile source_path (or find it in the cache) and load it; None where it cannot be built."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -41,13 +58,17 @@ def _compile(source_path: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDL
         return None
     flags = [*FLAGS, *extra_flags]
     source = source_path.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([compiler, *flags, *LINK_FLAGS, _machine()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source_path.stem}_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
         os.close(fd)
-        proc = subprocess.run([compiler, *flags, str(source_path), "-o", tmp], capture_output=True, text=True)
+        obj = tmp[:-3] + ".o"
+        proc = subprocess.run([compiler, *flags, "-c", str(source_path), "-o", obj], capture_output=True, text=True)
+        if proc.returncode == 0:
+            proc = subprocess.run([compiler, *LINK_FLAGS, obj, "-o", tmp], capture_output=True, text=True)
+        Path(obj).unlink(missing_ok=True)
         if proc.returncode != 0:
             Path(tmp).unlink(missing_ok=True)
             warnings.warn(f"capsnet: could not build the CPU kernel {source_path.name} "
@@ -109,8 +130,10 @@ def fold(patches: torch.Tensor, height: int, width: int, stride: int) -> torch.T
     """patches [b, oh, ow, k, k, c] (bf16, contiguous) -> [b, height, width, c] (bf16): every patch
     added back where it was taken from (col2im), the sums in float32. Needs fold_available()."""
     b, oh, ow, k, _, c = patches.shape
-    assert patches.dtype == torch.bfloat16 and patches.is_contiguous()
-    assert (oh - 1) * stride + k <= height and (ow - 1) * stride + k <= width
+    if not (patches.dtype == torch.bfloat16 and patches.is_contiguous() and patches.device.type == "cpu"
+            and (oh - 1) * stride + k <= height and (ow - 1) * stride + k <= width):
+        raise ValueError(f"fold needs contiguous bf16 CPU patches that fit a {height} x {width} image, got "
+                         f"{tuple(patches.shape)} {patches.dtype} with stride {stride}")
     out = patches.new_empty(b, height, width, c)
     _fold_lib.fold_nhwc_bf16(patches.data_ptr(), out.data_ptr(), b, oh, ow, k, stride, c, height, width,
                              torch.get_num_threads())

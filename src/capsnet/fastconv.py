@@ -1,10 +1,11 @@
 """A convolution computed as explicit GEMMs (the PrimaryCaps conv on CPU, in bf16).
 
 The PrimaryCaps convolution (256 -> 256 channels, 9x9, stride 2) is about 95% of CapsNet's
-arithmetic. On the CPU in bf16, oneDNN's convolutions ran it well below the rate of a plain GEMM
-of the same size on both machines this project has measured (docs/speed.md). So all three of its
-products are written out here, around one gather of the input patches (im2col, channels last, a
-plain strided copy into a reused buffer):
+arithmetic. On the CPU in bf16, oneDNN ran its weight gradient at half the rate of a plain GEMM
+of the same size on the AMD EPYC VM this project first used, and its forward and input gradient
+at a third to a half of it on the Intel Xeon VM (AMX) it uses since 2026-11-29 (docs/speed.md).
+So all three products are written out here, around one gather of the input patches (im2col,
+channels last, a plain strided copy into a reused buffer):
 
     forward          out [b*oh*ow, co]        = patches [b*oh*ow, k*k*c] @ W [co, k*k*c]^T
     weight gradient  dW [co, k*k*c]           = grad_out [b*oh*ow, co]^T @ patches
@@ -16,8 +17,11 @@ the same buffer once they are used: one 95 MB buffer (bf16, 64 MNIST images) ser
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import cpu_kernels
 
@@ -25,21 +29,28 @@ from . import cpu_kernels
 # afresh each step costs more than the copy itself: the kernel hands over new zeroed pages.
 # "generation" counts what has been written into it, so that a backward pass knows whether the
 # patches its forward gathered are still there (not when the layer ran twice before backward).
-_workspace: dict = {"cols": None, "generation": 0}
+_workspace: dict = {"flat": None, "shape": None, "generation": 0}
+INFERENCE_CHUNK = 64  # images per product without a gradient: the buffer stays a training step's size
 
 
 def _buffer(shape, dtype, device) -> torch.Tensor:
-    buf = _workspace["cols"]
-    if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
-        _workspace["cols"] = None
-        buf = _workspace["cols"] = torch.empty(shape, dtype=dtype, device=device)
+    """The shared buffer as a tensor of this shape, grown when it is too small."""
+    n = math.prod(shape)
+    flat = _workspace["flat"]
+    if flat is None or flat.numel() < n or flat.dtype != dtype or flat.device != device \
+            or (flat.is_inference() and not torch.is_inference_mode_enabled()):  # not writable outside
+        _workspace["flat"] = None
+        flat = _workspace["flat"] = torch.empty(n, dtype=dtype, device=device)
     _workspace["generation"] += 1  # the caller is about to overwrite it
-    return buf
+    _workspace["shape"] = tuple(shape)
+    return flat[:n].view(shape)
 
 
-def _still_holds(generation: int, shape) -> bool:
-    buf = _workspace["cols"]
-    return _workspace["generation"] == generation and buf is not None and buf.shape == shape
+def _held(generation: int, shape) -> torch.Tensor | None:
+    """The buffer as last written, if nothing was written into it since `generation`."""
+    if _workspace["generation"] != generation or _workspace["shape"] != tuple(shape):
+        return None
+    return _workspace["flat"][:math.prod(shape)].view(shape)
 
 
 def _output_size(size: int, kernel: int, stride: int) -> int:
@@ -109,14 +120,21 @@ def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, height: int, w
     return fold_nhwc(cols, height, width, stride).permute(0, 3, 1, 2)
 
 
-def _gemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
-    """conv2d(x, weight, bias, stride), no padding: [b, co, oh, ow] with channels-last strides."""
+def _gemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, *,
+                  chunk: int | None = None) -> torch.Tensor:
+    """conv2d(x, weight, bias, stride), no padding: [b, co, oh, ow] with channels-last strides.
+    chunk: images per product (default all: their patches stay in the buffer for the backward pass)."""
     b, c, h, w = x.shape
     co, _, k, _ = weight.shape
-    cols = im2col_nhwc(x, k, stride)  # [b*oh*ow, k*k*c]
-    wm = _weight_matrix(weight)  # [co, k*k*c]
-    out = cols @ wm.t() if bias is None else torch.addmm(bias, cols, wm.t())  # [b*oh*ow, co]
-    return out.view(b, _output_size(h, k, stride), _output_size(w, k, stride), co).permute(0, 3, 1, 2)
+    oh, ow = _output_size(h, k, stride), _output_size(w, k, stride)
+    wm = _weight_matrix(weight).t()  # [k*k*c, co]
+    out = x.new_empty(b * oh * ow, co)
+    step = chunk or b
+    for start in range(0, b, step):
+        cols = im2col_nhwc(x[start:start + step], k, stride)  # [images*oh*ow, k*k*c]
+        rows = out[start * oh * ow:(start + step) * oh * ow]
+        torch.mm(cols, wm, out=rows) if bias is None else torch.addmm(bias, cols, wm, out=rows)
+    return out.view(b, oh, ow, co).permute(0, 3, 1, 2)
 
 
 class _GemmConv(torch.autograd.Function):
@@ -128,6 +146,7 @@ class _GemmConv(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         s, k, (b, c, h, w) = ctx.stride, weight.shape[-1], x.shape
@@ -135,16 +154,27 @@ class _GemmConv(torch.autograd.Function):
         g = _rows(grad_out)  # [b*oh*ow, co]
         if ctx.needs_input_grad[1]:
             oh, ow = _output_size(h, k, s), _output_size(w, k, s)
-            if _still_holds(ctx.generation, (b, oh, ow, k, k, c)):
-                cols = _workspace["cols"].view(b * oh * ow, k * k * c)
-            else:  # the layer ran again before this backward pass: gather the patches anew
+            cols = _held(ctx.generation, (b, oh, ow, k, k, c))
+            if cols is None:  # the layer ran again before this backward pass: gather the patches anew
                 cols = im2col_nhwc(x, k, s)
-            grad_w = _weight_grad(cols, g, k, c).to(weight.dtype)
+            grad_w = _weight_grad(cols.view(b * oh * ow, k * k * c), g, k, c).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = g.sum(dim=0).to(weight.dtype)
         if ctx.needs_input_grad[0]:  # last: its patch gradient overwrites the patches
             grad_x = conv_input_grad(grad_out, weight, h, w, s)
         return grad_x, grad_w, grad_b, None
+
+
+@torch.compiler.disable  # hand-written products and a shared buffer: dynamo leaves them to run eagerly
+def _gemm_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
+    dt = torch.bfloat16
+    with torch.autocast("cpu", enabled=False):
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad))):
+            return _gemm_forward(x, weight, bias, stride, chunk=INFERENCE_CHUNK)  # nothing kept for backward
+        return _GemmConv.apply(x, weight, bias, stride)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, *,
@@ -155,11 +185,4 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     low = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     if not (gemm and x.device.type == "cpu" and (low or x.dtype == torch.bfloat16)):
         return F.conv2d(x, weight, bias, stride=stride)
-    dt = torch.bfloat16
-    with torch.autocast("cpu", enabled=False):
-        x, weight = x.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
-        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                             or (bias is not None and bias.requires_grad))):
-            return _gemm_forward(x, weight, bias, stride)  # inference: nothing kept for a backward pass
-        return _GemmConv.apply(x, weight, bias, stride)
+    return _gemm_conv(x, weight, bias, stride)
