@@ -100,29 +100,31 @@ def _build_fold(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     return lib
 
 
+def _first_load(build, what: str) -> ctypes.CDLL | None:
+    if os.environ.get("CAPSNET_NO_KERNELS") == "1":
+        return None
+    try:
+        return build()
+    except OSError as exc:
+        warnings.warn(f"capsnet: CPU {what} kernel unavailable ({exc}); using PyTorch operations")
+        return None
+
+
 def available() -> bool:
+    """Whether the routing kernel is there (built or loaded on the first call)."""
     global _lib, _tried
     if not _tried:
         _tried = True
-        if os.environ.get("CAPSNET_NO_KERNELS") != "1":
-            try:
-                _lib = _build()
-            except OSError as exc:
-                warnings.warn(f"capsnet: CPU routing kernel unavailable ({exc}); using PyTorch operations")
-                _lib = None
+        _lib = _first_load(_build, "routing")
     return _lib is not None
 
 
 def fold_available() -> bool:
+    """Whether the fold kernel is there (built or loaded on the first call)."""
     global _fold_lib, _fold_tried
     if not _fold_tried:
         _fold_tried = True
-        if os.environ.get("CAPSNET_NO_KERNELS") != "1":
-            try:
-                _fold_lib = _build_fold()
-            except OSError as exc:
-                warnings.warn(f"capsnet: CPU fold kernel unavailable ({exc}); using PyTorch operations")
-                _fold_lib = None
+        _fold_lib = _first_load(_build_fold, "fold")
     return _fold_lib is not None
 
 
