@@ -28,8 +28,16 @@ def group(name: str, shapes: list) -> str:
     if name == "aten::convolution_backward":
         return "conv1 weight gradient" if len(shapes) > 1 and shapes[1] and shapes[1][1] == 1 \
             else "PrimaryCaps conv input gradient"
-    if name == "aten::mm" and len(shapes) > 1 and len(shapes[1]) == 2 and shapes[1][1] > 10000:
-        return "PrimaryCaps conv weight gradient (GEMM)"
+    mats = [s for s in shapes if len(s) == 2]
+    if name in ("aten::mm", "aten::addmm") and len(mats) >= 2:  # capsnet's GEMM convolution (fastconv)
+        a, b = mats[0], mats[1]  # (mm with out= lists the output third)
+        if a[1] > 10000:  # patches [b*36, 81*256] @ W^T
+            return "PrimaryCaps conv forward (GEMM)"
+        if b[1] > 10000:  # ... @ [rows, 81*256]: the output gradient times the patches, or times W
+            return "PrimaryCaps conv input gradient (GEMM)" if b[0] == a[1] == 256 and a[0] != 256 \
+                else "PrimaryCaps conv weight gradient (GEMM)"
+    if name == "capsnet::fold":
+        return "PrimaryCaps input gradient fold (C++ or tensor ops)"
     if name == "aten::copy_" and first and len(first) == 6:
         return "PrimaryCaps patches (im2col)"
     if name == "aten::bmm":
@@ -72,7 +80,8 @@ def main() -> None:
         total += self_ms
     # The PrimaryCaps convolution: 256 -> 256 channels, 9 x 9, 6 x 6 outputs per image.
     conv2_gflop = 2 * args.batch * 36 * 256 * 256 * 81 / 1e9
-    rated = {"PrimaryCaps conv forward", "PrimaryCaps conv input gradient", "PrimaryCaps conv weight gradient (GEMM)"}
+    rated = {"PrimaryCaps conv forward", "PrimaryCaps conv input gradient", "PrimaryCaps conv weight gradient (GEMM)",
+             "PrimaryCaps conv forward (GEMM)", "PrimaryCaps conv input gradient (GEMM)"}
     print(f"{precision}, batch {args.batch}, fp32 routing {args.fp32_routing}, {torch.get_num_threads()} threads: "
           f"{plain:.1f} ms per step without the profiler, {total:.1f} ms with it")
     for name, value in sorted(ms.items(), key=lambda kv: -kv[1]):

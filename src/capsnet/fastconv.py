@@ -98,6 +98,11 @@ def _weight_grad(cols: torch.Tensor, g: torch.Tensor, kernel: int, channels: int
 def fold_nhwc(patches: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
     """patches [b, oh, ow, k, k, c] -> [b, height, width, c], every patch added back where it was
     taken from (im2col's adjoint), summed in float32 and returned in the patches' dtype."""
+    with torch.profiler.record_function("capsnet::fold"):  # named in tools/step_profile.py
+        return _fold_nhwc(patches, height, width, stride)
+
+
+def _fold_nhwc(patches: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
     if patches.dtype == torch.bfloat16 and patches.device.type == "cpu" and cpu_kernels.fold_available():
         return cpu_kernels.fold(patches.contiguous(), height, width, stride)
     b, oh, ow, k, _, c = patches.shape
