@@ -118,43 +118,51 @@ def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, height: int, w
                     stride: int) -> torch.Tensor:
     """d loss / d x for conv2d(x, weight, stride=stride), no padding, x of size height x width:
     [b, c, height, width] (channels-last strides)."""
+    return _input_grad(grad_out, _weight_matrix(weight), weight.shape[1], height, width, stride)
+
+
+def _input_grad(grad_out: torch.Tensor, wm: torch.Tensor, channels: int, height: int, width: int,
+                stride: int) -> torch.Tensor:
+    """conv_input_grad with the weights as _weight_matrix gives them, wm [co, k*k*c]."""
     b, co, oh, ow = grad_out.shape
-    _, c, k, _ = weight.shape
-    cols = _buffer((b, oh, ow, k, k, c), grad_out.dtype, grad_out.device)
-    torch.mm(_rows(grad_out), _weight_matrix(weight), out=cols.view(b * oh * ow, k * k * c))  # [b*oh*ow, k*k*c]
+    k = math.isqrt(wm.shape[1] // channels)
+    cols = _buffer((b, oh, ow, k, k, channels), grad_out.dtype, grad_out.device)
+    torch.mm(_rows(grad_out), wm, out=cols.view(b * oh * ow, k * k * channels))  # [b*oh*ow, k*k*c]
     return fold_nhwc(cols, height, width, stride).permute(0, 3, 1, 2)
 
 
-def _gemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, *,
+def _gemm_forward(x: torch.Tensor, wm: torch.Tensor, bias: torch.Tensor | None, stride: int, *,
                   chunk: int | None = None) -> torch.Tensor:
-    """conv2d(x, weight, bias, stride), no padding: [b, co, oh, ow] with channels-last strides.
+    """conv2d(x, weight, bias, stride), no padding, with wm = _weight_matrix(weight) [co, k*k*c]:
+    [b, co, oh, ow] with channels-last strides.
     chunk: images per product (default all: their patches stay in the buffer for the backward pass)."""
     b, c, h, w = x.shape
-    co, _, k, _ = weight.shape
+    co, k = wm.shape[0], math.isqrt(wm.shape[1] // c)
     oh, ow = _output_size(h, k, stride), _output_size(w, k, stride)
-    wm = _weight_matrix(weight).t()  # [k*k*c, co]
     out = x.new_empty(b * oh * ow, co)
     step = chunk or b
     for start in range(0, b, step):
         cols = im2col_nhwc(x[start:start + step], k, stride)  # [images*oh*ow, k*k*c]
         rows = out[start * oh * ow:(start + step) * oh * ow]
-        torch.mm(cols, wm, out=rows) if bias is None else torch.addmm(bias, cols, wm, out=rows)
+        torch.mm(cols, wm.t(), out=rows) if bias is None else torch.addmm(bias, cols, wm.t(), out=rows)
     return out.view(b, oh, ow, co).permute(0, 3, 1, 2)
 
 
 class _GemmConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride: int):
-        out = _gemm_forward(x, weight, bias, stride)
-        ctx.save_for_backward(x, weight)
+        wm = _weight_matrix(weight)  # [co, k*k*c]: made once, for the forward and the input gradient
+        out = _gemm_forward(x, wm, bias, stride)
+        ctx.save_for_backward(x, wm)
         ctx.stride, ctx.generation = stride, _workspace["generation"]  # the buffer holds x's patches
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        s, k, (b, c, h, w) = ctx.stride, weight.shape[-1], x.shape
+        x, wm = ctx.saved_tensors
+        s, (b, c, h, w) = ctx.stride, x.shape
+        k = math.isqrt(wm.shape[1] // c)
         grad_x = grad_w = grad_b = None
         g = _rows(grad_out)  # [b*oh*ow, co]
         if ctx.needs_input_grad[1]:
@@ -162,11 +170,11 @@ class _GemmConv(torch.autograd.Function):
             cols = _held(ctx.generation, (b, oh, ow, k, k, c))
             if cols is None:  # the layer ran again before this backward pass: gather the patches anew
                 cols = im2col_nhwc(x, k, s)
-            grad_w = _weight_grad(cols.view(b * oh * ow, k * k * c), g, k, c).to(weight.dtype)
+            grad_w = _weight_grad(cols.view(b * oh * ow, k * k * c), g, k, c).to(wm.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = g.sum(dim=0).to(weight.dtype)
+            grad_b = g.sum(dim=0).to(wm.dtype)
         if ctx.needs_input_grad[0]:  # last: its patch gradient overwrites the patches
-            grad_x = conv_input_grad(grad_out, weight, h, w, s)
+            grad_x = _input_grad(grad_out, wm, c, h, w, s)
         return grad_x, grad_w, grad_b, None
 
 
@@ -178,7 +186,7 @@ def _gemm_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         bias = None if bias is None else bias.to(dt)
         if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad))):
-            return _gemm_forward(x, weight, bias, stride, chunk=INFERENCE_CHUNK)  # nothing kept for backward
+            return _gemm_forward(x, _weight_matrix(weight), bias, stride, chunk=INFERENCE_CHUNK)  # nothing kept
         return _GemmConv.apply(x, weight, bias, stride)
 
 
