@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,10 +118,10 @@ def test_inference_runs_in_chunks_with_a_training_sized_buffer():
     torch.manual_seed(5)
     w, bias = torch.randn(8, 4, 3, 3, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
     x = torch.randn(130, 4, 9, 9, dtype=torch.bfloat16)
-    fastconv._workspace["flat"] = None
+    fastconv._workspace.flat = None
     with torch.no_grad():
         y = fastconv.conv2d(x, w, bias, 2)
-    assert fastconv._workspace["flat"].numel() == fastconv.INFERENCE_CHUNK * 4 * 4 * 3 * 3 * 4
+    assert fastconv._workspace.flat.numel() == fastconv.INFERENCE_CHUNK * 4 * 4 * 3 * 3 * 4
     ref = F.conv2d(x.double(), w.double(), bias.double(), stride=2)
     assert y.shape == ref.shape and torch.allclose(y.double(), ref, rtol=2e-2, atol=5e-2)
     assert torch.equal(y, fastconv._gemm_forward(x, fastconv._weight_matrix(w), bias, 2))  # one product for all
@@ -129,7 +131,7 @@ def test_a_buffer_made_in_inference_mode_serves_training_after():
     torch.manual_seed(6)
     w = torch.randn(8, 4, 3, 3, dtype=torch.bfloat16, requires_grad=True)
     x = torch.randn(2, 4, 9, 9, dtype=torch.bfloat16)
-    fastconv._workspace["flat"] = None
+    fastconv._workspace.flat = None
     with torch.inference_mode():
         fastconv.conv2d(x, w, None, 2)
     fastconv.conv2d(x, w, None, 2).float().sum().backward()  # "inplace update to inference tensor" before
@@ -150,3 +152,62 @@ def test_frozen_input_gets_only_the_weight_gradient():
     assert ((conv.weight.grad.double() - ref_w).norm() / ref_w.norm()) < 1e-2
     ref_b = gy.double().sum(dim=(0, 2, 3))
     assert ((conv.bias.grad.double() - ref_b).norm() / ref_b.norm()) < 1e-2  # gy and the sum in bf16
+
+
+def _in_thread(fn):
+    """fn() run on a new thread; its result (or its exception, raised here)."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_backward_on_another_thread_gathers_the_patches_anew():
+    """Each thread has its own patch buffer. A backward pass run on a thread whose buffer holds
+    patches of the same shape (another input's) must not take them for its forward's."""
+    torch.manual_seed(8)
+    w = torch.randn(8, 4, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    x1, x2 = torch.randn(2, 2, 4, 9, 9, dtype=torch.bfloat16).unbind(0)
+    gy = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
+    y1 = _in_thread(lambda: fastconv.conv2d(x1, w, None, 2))  # first write in a fresh thread
+
+    def other_thread():
+        fastconv.conv2d(x2, w, None, 2)  # its first write: the same shape, x2's patches
+        (y1 * gy).sum().float().backward()  # runs on this thread
+
+    _in_thread(other_thread)
+    _, ref = _library_grads(x1.double(), w.detach().double(), gy.double(), 2)
+    assert torch.allclose(w.grad.double(), ref, rtol=2e-2, atol=5e-2)
+
+
+def test_threads_running_the_layer_at_once_get_their_own_outputs():
+    torch.manual_seed(9)
+    w = torch.randn(32, 16, 5, 5, dtype=torch.bfloat16)
+    xs = [torch.randn(64, 16, 20, 20, dtype=torch.bfloat16) for _ in range(2)]
+    with torch.no_grad():
+        refs = [fastconv.conv2d(x, w, None, 2) for x in xs]
+    start = threading.Barrier(2)
+    mismatches = [0, 0]
+
+    def work(i):
+        start.wait()
+        with torch.no_grad():
+            for _ in range(40):
+                mismatches[i] += not torch.equal(fastconv.conv2d(xs[i], w, None, 2), refs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert mismatches == [0, 0]

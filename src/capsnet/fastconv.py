@@ -13,11 +13,14 @@ channels last, a plain strided copy into a reused buffer):
                      (col2im: every patch added where it came from; cpu_kernels.fold, float32 sums)
 
 The forward's patches are kept for the weight gradient, and the patch gradient is written into
-the same buffer once they are used: one 95 MB buffer (bf16, 64 MNIST images) serves the step.
+the same buffer once they are used: one 95 MB buffer (bf16, 64 MNIST images) serves the step
+(one per thread that runs the layer).
 """
 from __future__ import annotations
 
+import itertools
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -25,32 +28,44 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_kernels
 
-# One reusable buffer for the patches and, in the backward pass, their gradient. Allocating it
-# afresh each step costs more than the copy itself: the kernel hands over new zeroed pages.
-# "generation" counts what has been written into it, so that a backward pass knows whether the
-# patches its forward gathered are still there (not when the layer ran twice before backward).
-_workspace: dict = {"flat": None, "shape": None, "generation": 0}
+# One reusable buffer per thread for the patches and, in the backward pass, their gradient.
+# Allocating it afresh each step costs more than the copy itself: the kernel hands over new zeroed
+# pages. Each thread has its own (two threads running the model at once would otherwise overwrite
+# each other's patches between the copy and the product). Every write takes a number from one
+# count shared by all threads, so that a backward pass knows whether the patches its forward
+# gathered are still there: not when the layer ran again before it, nor when it runs on another
+# thread (whose buffer may hold patches of the same shape).
+class _Workspace(threading.local):
+    def __init__(self):
+        self.flat: torch.Tensor | None = None
+        self.shape: tuple | None = None
+        self.generation = 0
+
+
+_workspace = _Workspace()
+_writes = itertools.count(1)
 INFERENCE_CHUNK = 64  # images per product without a gradient: the buffer stays a training step's size
 
 
 def _buffer(shape, dtype, device) -> torch.Tensor:
-    """The shared buffer as a tensor of this shape, grown when it is too small."""
-    n = math.prod(shape)
-    flat = _workspace["flat"]
+    """This thread's buffer as a tensor of this shape, grown when it is too small."""
+    n, ws = math.prod(shape), _workspace
+    flat = ws.flat
     if flat is None or flat.numel() < n or flat.dtype != dtype or flat.device != device \
             or (flat.is_inference() and not torch.is_inference_mode_enabled()):  # not writable outside
-        _workspace["flat"] = None
-        flat = _workspace["flat"] = torch.empty(n, dtype=dtype, device=device)
-    _workspace["generation"] += 1  # the caller is about to overwrite it
-    _workspace["shape"] = tuple(shape)
+        ws.flat = None
+        flat = ws.flat = torch.empty(n, dtype=dtype, device=device)
+    ws.generation = next(_writes)  # the caller is about to overwrite it
+    ws.shape = tuple(shape)
     return flat[:n].view(shape)
 
 
 def _held(generation: int, shape) -> torch.Tensor | None:
-    """The buffer as last written, if nothing was written into it since `generation`."""
-    if _workspace["generation"] != generation or _workspace["shape"] != tuple(shape):
+    """This thread's buffer as last written, if that write was number `generation`."""
+    ws = _workspace
+    if ws.generation != generation or ws.shape != tuple(shape):
         return None
-    return _workspace["flat"][:math.prod(shape)].view(shape)
+    return ws.flat[:math.prod(shape)].view(shape)
 
 
 def _output_size(size: int, kernel: int, stride: int) -> int:
@@ -154,7 +169,7 @@ class _GemmConv(torch.autograd.Function):
         wm = _weight_matrix(weight)  # [co, k*k*c]: made once, for the forward and the input gradient
         out = _gemm_forward(x, wm, bias, stride)
         ctx.save_for_backward(x, wm)
-        ctx.stride, ctx.generation = stride, _workspace["generation"]  # the buffer holds x's patches
+        ctx.stride, ctx.generation = stride, _workspace.generation  # the buffer holds x's patches
         return out
 
     @staticmethod
