@@ -60,22 +60,43 @@ def test_fold_kernel_matches_the_float64_sum(shape, stride):
     assert torch.all(got[:, -1] == 0)
 
 
-def test_bf16_conv_gradients_agree_with_plain_autograd():
+@pytest.mark.parametrize("channels, size, stride, input_grad", [(16, 20, 2, True), (1, 28, 1, False)])
+def test_bf16_conv_gradients_agree_with_plain_autograd(channels, size, stride, input_grad):
+    """PrimaryCaps' shape (stride 2, the input needs a gradient) and conv1's (one channel, stride 1,
+    the images need none)."""
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(16, 24, 9, stride=2)
-    x = torch.randn(4, 16, 20, 20, requires_grad=True)
+    conv = fastconv.Conv2d(channels, 24, 9, stride=stride)
+    x = torch.randn(4, channels, size, size, requires_grad=input_grad)
     grads = []
     for gemm in (True, False):
         conv.zero_grad()
         x.grad = None
+        conv.gemm = gemm
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = fastconv.conv2d(x, conv.weight, conv.bias, 2, gemm=gemm)
-        assert y.dtype == torch.bfloat16 and y.shape == (4, 24, 6, 6)
+            y = conv(x)
+        o = (size - 9) // stride + 1
+        assert y.dtype == torch.bfloat16 and y.shape == (4, 24, o, o)
         (y.float() ** 2).sum().backward()
-        grads.append((y.detach().float(), x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()))
+        grads.append((y.detach().float(), conv.weight.grad.clone(), conv.bias.grad.clone(),
+                       *([x.grad.clone()] if input_grad else [])))
+    assert x.grad is None or input_grad
     for ours, ref in zip(*grads):
         assert ours.dtype == torch.float32
         assert ((ours - ref).norm() / ref.norm()) < 2e-2  # bf16 rounding, not a different function
+
+
+def test_the_output_may_be_changed_in_place():
+    """conv1's ReLU runs in place on its output: the output must not be a view of the product's."""
+    torch.manual_seed(10)
+    w = torch.randn(8, 1, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, 1, 9, 9, dtype=torch.bfloat16)
+    gy = torch.randn(2, 8, 7, 7, dtype=torch.bfloat16)
+    y = fastconv.conv2d(x, w, None, 1).relu_()
+    (y * gy).sum().float().backward()
+    ref_y = F.conv2d(x.double(), w.detach().double(), stride=1)
+    _, ref = _library_grads(x.double(), w.detach().double(), gy.double() * (ref_y > 0), 1)
+    assert torch.allclose(y.double(), ref_y.relu(), rtol=2e-2, atol=5e-2)
+    assert torch.allclose(w.grad.double(), ref, rtol=2e-2, atol=1e-1)
 
 
 def test_two_forwards_before_one_backward():

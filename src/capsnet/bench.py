@@ -71,7 +71,8 @@ def training_steps(device: torch.device, *, precision: str = "auto", batch: int 
     model = CapsNet(ModelConfig(fp32_routing=fp32_routing)).to(device)
     model.conv1.requires_grad_(not frozen_conv1)
     if baseline:
-        model.primary.gemm = False
+        for conv in (model.conv1, model.primary.conv):
+            conv.gemm = False
         model.digits.use_kernel = False
         compile = False
     if compile:

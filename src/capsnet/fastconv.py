@@ -1,4 +1,4 @@
-"""A convolution computed as explicit GEMMs (the PrimaryCaps conv on CPU, in bf16).
+"""A convolution computed as explicit GEMMs (CapsNet's two convolutions on CPU, in bf16).
 
 The PrimaryCaps convolution (256 -> 256 channels, 9x9, stride 2) is about 95% of CapsNet's
 arithmetic. On the CPU in bf16, oneDNN ran its weight gradient at half the rate of a plain GEMM
@@ -15,6 +15,10 @@ channels last, a plain strided copy into a reused buffer):
 The forward's patches are kept for the weight gradient, and the patch gradient is written into
 the same buffer once they are used: one 95 MB buffer (bf16, 64 MNIST images) serves the step
 (one per thread that runs the layer).
+
+conv1 (1 -> 256 channels, 9x9, stride 1) goes the same way (Conv2d below): its products are
+small, but oneDNN took several times as long for them (docs/speed.md), and its output, channels
+last, is what PrimaryCaps gathers its patches from without a copy.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import cpu_kernels
@@ -154,13 +159,15 @@ def _gemm_forward(x: torch.Tensor, wm: torch.Tensor, bias: torch.Tensor | None, 
     b, c, h, w = x.shape
     co, k = wm.shape[0], math.isqrt(wm.shape[1] // c)
     oh, ow = _output_size(h, k, stride), _output_size(w, k, stride)
-    out = x.new_empty(b * oh * ow, co)
+    out = torch.empty((b, co, oh, ow), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)  # not a view: it may be changed in place
+    flat = out.permute(0, 2, 3, 1).view(b * oh * ow, co)  # the same memory, a row per output position
     step = chunk or b
     for start in range(0, b, step):
         cols = im2col_nhwc(x[start:start + step], k, stride)  # [images*oh*ow, k*k*c]
-        rows = out[start * oh * ow:(start + step) * oh * ow]
+        rows = flat[start * oh * ow:(start + step) * oh * ow]
         torch.mm(cols, wm.t(), out=rows) if bias is None else torch.addmm(bias, cols, wm.t(), out=rows)
-    return out.view(b, oh, ow, co).permute(0, 3, 1, 2)
+    return out
 
 
 class _GemmConv(torch.autograd.Function):
@@ -214,3 +221,17 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     if not (gemm and x.device.type == "cpu" and (low or x.dtype == torch.bfloat16)):
         return F.conv2d(x, weight, bias, stride=stride)
     return _gemm_conv(x, weight, bias, stride)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (square kernel and stride, no padding) computed by conv2d above: as GEMMs in bf16
+    on the CPU, the library's convolution elsewhere. Its output there has channels-last strides.
+
+    Same parameters and state dict as nn.Conv2d; set .gemm = False for the library's everywhere."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride)
+        self.gemm = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d(x, self.weight, self.bias, self.stride[0], gemm=self.gemm)

@@ -20,12 +20,10 @@ class PrimaryCaps(nn.Module):
     def __init__(self, *, in_channels: int, types: int, dim: int, kernel: int, stride: int):
         super().__init__()
         self.types, self.dim = types, dim
-        self.conv = nn.Conv2d(in_channels, types * dim, kernel, stride=stride)
-        self.gemm = True  # the convolution as explicit GEMMs on CPU in bf16 (fastconv); False: the library's
+        self.conv = fastconv.Conv2d(in_channels, types * dim, kernel, stride=stride)  # GEMMs on CPU in bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = fastconv.conv2d(x, self.conv.weight, self.conv.bias, self.conv.stride[0],
-                              gemm=self.gemm)  # [b, types * dim, g, g]
+        out = self.conv(x)  # [b, types * dim, g, g]
         b, _, g, _ = out.shape
         out = out.view(b, self.types, self.dim, g, g)
         out = out.permute(0, 1, 3, 4, 2).reshape(b, self.types * g * g, self.dim)  # [b, i, d]

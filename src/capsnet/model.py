@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from . import fastconv
 from .layers import DigitCaps, PrimaryCaps
 
 
@@ -65,7 +66,7 @@ class CapsNet(nn.Module):
         super().__init__()
         cfg = cfg or ModelConfig()
         self.cfg = cfg
-        self.conv1 = nn.Conv2d(cfg.in_channels, cfg.conv_channels, cfg.conv_kernel)
+        self.conv1 = fastconv.Conv2d(cfg.in_channels, cfg.conv_channels, cfg.conv_kernel)  # GEMMs on CPU in bf16
         self.primary = PrimaryCaps(in_channels=cfg.conv_channels, types=cfg.primary_types, dim=cfg.primary_dim,
                                    kernel=cfg.primary_kernel, stride=cfg.primary_stride)
         self.digits = DigitCaps(in_caps=cfg.num_primary, in_dim=cfg.primary_dim, out_caps=cfg.num_classes,
