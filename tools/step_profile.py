@@ -29,8 +29,12 @@ def group(name: str, shapes: list) -> str:
         return "conv1 weight gradient" if len(shapes) > 1 and shapes[1] and shapes[1][1] == 1 \
             else "PrimaryCaps conv input gradient"
     mats = [s for s in shapes if len(s) == 2]
-    if name in ("aten::mm", "aten::addmm") and len(mats) >= 2:  # capsnet's GEMM convolution (fastconv)
+    if name in ("aten::mm", "aten::addmm") and len(mats) >= 2:  # capsnet's GEMM convolutions (fastconv)
         a, b = mats[0], mats[1]  # (mm with out= lists the output third)
+        if a[1] == 81 and b[0] == 81:  # conv1: patches [b*400, 81 * 1 channel] @ W^T
+            return "conv1 forward (GEMM)"
+        if b[1] == 81 and a[0] == 256:  # conv1: the output gradient^T @ its patches
+            return "conv1 weight gradient (GEMM)"
         if a[1] > 10000:  # patches [b*36, 81*256] @ W^T
             return "PrimaryCaps conv forward (GEMM)"
         if b[1] > 10000:  # ... @ [rows, 81*256]: the output gradient times the patches, or times W
@@ -39,7 +43,7 @@ def group(name: str, shapes: list) -> str:
     if name == "capsnet::fold":
         return "PrimaryCaps input gradient fold (C++ or tensor ops)"
     if name == "aten::copy_" and first and len(first) == 6:
-        return "PrimaryCaps patches (im2col)"
+        return "conv1 patches (im2col)" if first[-1] == 1 else "PrimaryCaps patches (im2col)"
     if name == "aten::bmm":
         return "u_hat = W u and its gradients"
     if name.startswith("FusedRouting"):
@@ -78,14 +82,18 @@ def main() -> None:
         self_ms = event.self_cpu_time_total / 1e3 / args.steps
         ms[group(event.key, event.input_shapes)] += self_ms
         total += self_ms
-    # The PrimaryCaps convolution: 256 -> 256 channels, 9 x 9, 6 x 6 outputs per image.
+    # The PrimaryCaps convolution: 256 -> 256 channels, 9 x 9, 6 x 6 outputs per image; conv1: 1 -> 256,
+    # 9 x 9, 20 x 20 outputs. GFLOP per product.
     conv2_gflop = 2 * args.batch * 36 * 256 * 256 * 81 / 1e9
-    rated = {"PrimaryCaps conv forward", "PrimaryCaps conv input gradient", "PrimaryCaps conv weight gradient (GEMM)",
-             "PrimaryCaps conv forward (GEMM)", "PrimaryCaps conv input gradient (GEMM)"}
+    conv1_gflop = 2 * args.batch * 400 * 256 * 81 / 1e9
+    gflop = {name: conv2_gflop for name in (
+        "PrimaryCaps conv forward", "PrimaryCaps conv input gradient", "PrimaryCaps conv weight gradient (GEMM)",
+        "PrimaryCaps conv forward (GEMM)", "PrimaryCaps conv input gradient (GEMM)")}
+    gflop.update({name: conv1_gflop for name in ("conv1 forward (GEMM)", "conv1 weight gradient (GEMM)")})
     print(f"{precision}, batch {args.batch}, fp32 routing {args.fp32_routing}, {torch.get_num_threads()} threads: "
           f"{plain:.1f} ms per step without the profiler, {total:.1f} ms with it")
     for name, value in sorted(ms.items(), key=lambda kv: -kv[1]):
-        rate = f"  {conv2_gflop / value * 1e3:5.0f} GFLOP/s" if name in rated else ""
+        rate = f"  {gflop[name] / value * 1e3:5.0f} GFLOP/s" if name in gflop else ""
         print(f"  {name:42s} {value:7.1f} ms  {100 * value / total:5.1f}%{rate}")
 
 
