@@ -81,7 +81,7 @@ class TrainConfig:
     lr_min: float = 1e-5  # ... down to this floor (cosine: where it ends)
     ema_decay: float = 0.999  # > 0: evaluate and save an exponential moving average of the weights
     freeze_conv1_after: int = 0  # > 0: conv1 stops training after this many epochs (steps then skip
-    # the PrimaryCaps input gradient: about 1.45x faster on a CPU)
+    # the PrimaryCaps input gradient: about 1.45x faster on the AMD VM, less since the GEMM convolution)
     max_shift: int = 2  # random translation, pixels, drawn per image
     max_rotation: float = 0.0  # > 0: also a random rotation, uniform in +- this many degrees ...
     max_scale: float = 0.0  # > 0: ... and scale, uniform in 1 +- this (then shifts are not whole pixels)
