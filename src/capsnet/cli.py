@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a CapsNet; writes a run directory")
     t.add_argument("--recipe", choices=list(RECIPES), default=None,
                    help=f"named settings to start from: default ({TrainConfig.epochs} epochs), fast ({RECIPES['fast']['epochs']} "
-                        "epochs: 40 minutes on a 2-core CPU), chainer (the Chainer port's); the flags below change them further")
+                        "epochs: under 40 minutes on a 2-core CPU), chainer (the Chainer port's); the flags below change them further")
     t.add_argument("-e", "--epoch", type=_positive, default=None, help=f"epochs (default: the recipe's, {TrainConfig.epochs}; fast: {RECIPES['fast']['epochs']})")
     t.add_argument("-b", "--batchsize", type=_positive, default=None, help="batch size (default 64)")
     t.add_argument("-d", "--decay", type=_decay, default=None, help="learning-rate decay per epoch with --schedule exp (0.95)")

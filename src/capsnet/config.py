@@ -166,7 +166,7 @@ RECIPES: dict[str, dict] = {
     # learning rate annealed to the floor by a cosine over the whole run, the moving average of
     # the weights evaluated; 50 epochs.
     "default": {},
-    # The same for a laptop: as many epochs as fit in 40 minutes on a 2-core CPU (bf16), at twice
+    # The same for a laptop: as many epochs as fit in 40 minutes on a 2-core CPU (bf16; the AMD VM), at twice
     # the peak learning rate (chosen on validation over seeds 789 and 790: README, Results).
     "fast": {"epochs": 9, "lr": 2e-3},
     # The Chainer port's recipe as its README states it: batch 256, x0.95 per epoch, no averaging.

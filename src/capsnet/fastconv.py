@@ -18,7 +18,8 @@ the same buffer once they are used: one 95 MB buffer (bf16, 64 MNIST images) ser
 
 conv1 (1 -> 256 channels, 9x9, stride 1) goes the same way (Conv2d below): its products are
 small, but oneDNN took several times as long for them (docs/speed.md), and its output, channels
-last, is what PrimaryCaps gathers its patches from without a copy.
+last, is what PrimaryCaps gathers its patches from without a copy. Its own patches (4 MB) are
+gathered again for its weight gradient: by then the PrimaryCaps patches have replaced them.
 """
 from __future__ import annotations
 
