@@ -44,8 +44,7 @@ from . import cpu_kernels
 class _Workspace(threading.local):
     def __init__(self):
         self.flat: torch.Tensor | None = None
-        self.shape: tuple | None = None
-        self.generation = 0
+        self.generation = 0  # the number of the last write (numbers are unique across threads)
 
 
 _workspace = _Workspace()
@@ -62,14 +61,14 @@ def _buffer(shape, dtype, device) -> torch.Tensor:
         ws.flat = None
         flat = ws.flat = torch.empty(n, dtype=dtype, device=device)
     ws.generation = next(_writes)  # the caller is about to overwrite it
-    ws.shape = tuple(shape)
     return flat[:n].view(shape)
 
 
 def _held(generation: int, shape) -> torch.Tensor | None:
-    """This thread's buffer as last written, if that write was number `generation`."""
+    """This thread's buffer as last written, if that write was number `generation` (whose shape
+    the caller knows)."""
     ws = _workspace
-    if ws.generation != generation or ws.shape != tuple(shape):
+    if ws.generation != generation:
         return None
     return ws.flat[:math.prod(shape)].view(shape)
 
