@@ -123,6 +123,49 @@ def test_evaluate_on_the_validation_split_reproduces_the_logged_figures(trained_
         assert_one_line_error(code, err, "config.json: cannot read the run's validation split")
 
 
+def test_evaluate_and_visualize_use_the_data_set_the_run_trained_on(trained_run, mnist, tmp_path, monkeypatch,
+                                                                     capsys):
+    import capsnet.data
+
+    asked = []
+    few = capsnet.data.Dataset("mnist", mnist.train_images[:10], mnist.train_labels[:10], mnist.test_images[:200],
+                               mnist.test_labels[:200], 10)
+
+    def record(name, data_dir, log):  # serve a little MNIST whatever is asked: only the name matters here
+        asked.append(name)
+        return few
+
+    monkeypatch.setattr(capsnet.data, "load_dataset", record)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "model.pt").write_bytes((trained_run / "model.pt").read_bytes())
+    config = json.loads((trained_run / "config.json").read_text())
+    for train, flags, expected in (({"dataset": "fashion-mnist"}, [], "fashion-mnist"),
+                                   ({"dataset": "fashion-mnist"}, ["--dataset", "mnist"], "mnist"),
+                                   ({}, [], "mnist"),  # runs from before --dataset, or no config.json at all
+                                   (None, [], "mnist")):
+        if train is None:
+            (alone / "config.json").unlink()
+        else:
+            config["train"].pop("dataset", None)
+            config["train"].update(train)
+            (alone / "config.json").write_text(json.dumps(config))
+        code, _, err = run_cli(capsys, "evaluate", "--load", str(alone), "--device", "cpu", *flags)
+        assert code == 0, err
+        assert asked.pop() == expected
+    code, _, err = run_cli(capsys, "visualize", "--load", str(trained_run), "--out", str(tmp_path / "pictures"),
+                           "--device", "cpu")
+    assert code == 0 and asked.pop() == "mnist"
+    config["train"]["dataset"] = "cifar10"
+    (alone / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "evaluate", "--load", str(alone / "model.pt"))
+    assert_one_line_error(code, err, "trained on 'cifar10', which this version does not know")
+    (alone / "config.json").write_text("{not json")
+    code, _, err = run_cli(capsys, "evaluate", "--load", str(alone))
+    assert_one_line_error(code, err, "config.json: cannot read the run's data set (--dataset names it)")
+    assert asked == []  # neither error fetched any data
+
+
 def test_visualize_refuses_a_bad_precision_before_drawing_anything(trained_run, tmp_path, capsys):
     code, _, err = run_cli(capsys, "visualize", "--load", str(trained_run), "--out", str(tmp_path / "pics"),
                            "--precision", "bogus", "--device", "cpu")
@@ -281,7 +324,8 @@ def test_resume_refuses_another_recipe(trained_run, capsys):
     (["evaluate", "--load", "/nonexistent/run"], "/nonexistent/run: no such run directory"),
     (["train", "--resume", "/nonexistent/run"], "/nonexistent/run: no such run directory"),
     (["visualize", "--load", "/nonexistent/run"], "no such run directory"),
-    (["data", "--dataset", "cifar"], "unknown dataset 'cifar'"),
+    (["data", "--dataset", "cifar"], "invalid choice: 'cifar'"),
+    (["train", "--dataset", "cifar"], "invalid choice: 'cifar'"),
     (["train", "-e", "ten"], "epoch: invalid whole number value: 'ten'"),
     (["train", "--lr", "fast"], "lr: invalid number value: 'fast'"),
     (["train", "--rotate", "much"], "rotate: invalid number value: 'much'"),

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
-from .config import COMPILE_MODES, INITS, MAX_ELASTIC_SIGMA, RECIPES, SCHEDULES, ModelConfig, TrainConfig
+from .config import COMPILE_MODES, DATASETS, INITS, MAX_ELASTIC_SIGMA, RECIPES, SCHEDULES, ModelConfig, TrainConfig
 from .errors import CapsNetError
 
 # Model flags: None means "not given", so --resume can tell a conflicting flag from a default.
@@ -105,6 +105,11 @@ def _installed(package: str) -> str:
         return "not installed"
 
 
+def _trained_dataset_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="the images to use (default: the run's, from its config.json; mnist where there is none)")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with usage errors in one line like every other error of the command."""
 
@@ -158,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="start over in a --save directory that holds a run")
     t.add_argument("--limit", type=_non_negative, default=None, help="use only the first N training images")
     t.add_argument("--val", type=_non_negative, default=None, help="images held out for validation (default 5000)")
-    t.add_argument("--dataset", default=None, help="mnist (default)")
+    t.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="mnist (default) or fashion-mnist (Zalando's clothing pictures in MNIST's format)")
     t.add_argument("--routing-iters", type=_positive, default=None, help="routing iterations (default 3)")
     t.add_argument("--shared-weights", action="store_const", const=True, default=None,
                    help="one transformation matrix per capsule type (the Chainer port) instead of per capsule")
@@ -193,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test (default), or val: the images the run held out to choose its model "
                         "(read from the run directory's config.json)")
     e.add_argument("-b", "--batchsize", type=_positive, default=500)
+    _trained_dataset_arg(e)
     e.add_argument("--routing-iters", type=_positive, default=None, metavar="N",
                    help="route N times instead of as many as the model was trained with (default: those)")
     _device_args(e)
@@ -200,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("visualize", help="reconstruction pictures of a trained model")
     v.add_argument("--load", type=Path, required=True, help="run directory or checkpoint")
     v.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: the run directory)")
+    _trained_dataset_arg(v)
     _device_args(v)
 
     b = sub.add_parser("bench", help="time training steps and inference on synthetic data")
@@ -233,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/results/tried.json; its folders relative to --results)")
 
     d = sub.add_parser("data", help="fetch and verify a data set into the cache")
-    d.add_argument("--dataset", default="mnist")
-    d.add_argument("--data-dir", type=Path, default=None)
+    d.add_argument("--dataset", choices=DATASETS, default="mnist", help="mnist (default) or fashion-mnist")
+    d.add_argument("--data-dir", type=Path, default=None, help="data cache (default $CAPSNET_DATA or ~/.cache/capsnet)")
     return parser
 
 
@@ -329,7 +337,8 @@ def cmd_evaluate(args) -> int:
     device = _device(args)
     model = load_model(args.load).to(device)
     held_out = _held_out_split(args.load) if args.split == "val" else None  # before the data is fetched
-    data = load_dataset("mnist", args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
+    dataset = args.dataset or _trained_on(args.load)
+    data = load_dataset(dataset, args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
     if held_out is None:
         name, images, labels = "test", data.test_images, data.test_labels
     else:
@@ -362,21 +371,45 @@ def _interrupted(args) -> str:
     return "capsnet: interrupted before the first epoch ended: no last.pt to resume from"
 
 
-def _held_out_split(load: Path) -> tuple[int, int]:
-    """(limit, val_size) of the run that wrote this run directory or checkpoint: its validation
-    images are the last val_size of its first `limit` training images (all of them for 0)."""
+def _logged_settings(load: Path, what: str) -> tuple[Path, dict | None]:
+    """The "train" settings in the config.json of the run that wrote this run directory or
+    checkpoint, and that file's path; None for the settings where there is no such file."""
     run_dir = load if load.is_dir() else load.parent
     path = run_dir / "config.json"
     try:
         train = json.loads(path.read_text())["train"]
-        limit, val_size = int(train.get("limit", 0)), int(train["val_size"])
+        if not isinstance(train, dict):
+            raise TypeError
     except FileNotFoundError:
-        raise CapsNetError(f"{run_dir}: no config.json, so the run's validation images are unknown "
-                           "(--split val reads them from a run directory)") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
+        return path, None
+    except (OSError, ValueError, KeyError, TypeError):  # ValueError: not JSON, or not text
+        raise CapsNetError(f"{path}: cannot read the run's {what} from it") from None
+    return path, train
+
+
+def _trained_on(load: Path) -> str:
+    """The data set the run was trained on: mnist where no config.json says (a checkpoint on its own)."""
+    path, train = _logged_settings(load, "data set (--dataset names it)")
+    name = (train or {}).get("dataset", "mnist")
+    if name not in DATASETS:
+        raise CapsNetError(f"{path}: the run was trained on {name!r}, which this version does not know "
+                           f"(known: {', '.join(DATASETS)})")
+    return name
+
+
+def _held_out_split(load: Path) -> tuple[int, int]:
+    """(limit, val_size) of the run that wrote this run directory or checkpoint: its validation
+    images are the last val_size of its first `limit` training images (all of them for 0)."""
+    path, train = _logged_settings(load, "validation split")
+    if train is None:
+        raise CapsNetError(f"{path.parent}: no config.json, so the run's validation images are unknown "
+                           "(--split val reads them from a run directory)")
+    try:
+        limit, val_size = int(train.get("limit", 0)), int(train["val_size"])
+    except (ValueError, KeyError, TypeError, OverflowError):
         raise CapsNetError(f"{path}: cannot read the run's validation split from it") from None
     if val_size <= 0:
-        raise CapsNetError(f"{run_dir}: the run held out no validation images (--val 0)")
+        raise CapsNetError(f"{path.parent}: the run held out no validation images (--val 0)")
     return limit, val_size
 
 
@@ -387,7 +420,8 @@ def cmd_visualize(args) -> int:
 
     device = _device(args)
     model = load_model(args.load)  # a wrong path or file fails here, before the data is fetched
-    data = load_dataset("mnist", args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
+    dataset = args.dataset or _trained_on(args.load)
+    data = load_dataset(dataset, args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
     out = args.out or (args.load if args.load.is_dir() else args.load.parent)
     paths = write_all(args.load, data, out, device, args.precision or "auto", model=model)
     print(f"wrote {len(paths)} pictures to {out}: " + ", ".join(p.name for p in paths[:3]) + ", ...")

@@ -1,13 +1,16 @@
 """Data sets as uint8 tensors in memory, and where they are cached."""
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import DATASETS
 from ..errors import CapsNetError
+from .idx import decode_idx
 
 
 @dataclass
@@ -37,9 +40,6 @@ class Dataset:
                        self.test_labels, self.num_classes)
 
 
-DATASETS = ("mnist",)
-
-
 def default_data_dir() -> Path:
     return Path(os.environ.get("CAPSNET_DATA") or Path.home() / ".cache" / "capsnet")
 
@@ -49,24 +49,25 @@ def _as_images(arr) -> torch.Tensor:
     return t.unsqueeze(1) if t.dim() == 3 else t  # [n, h, w] -> [n, 1, h, w]
 
 
-def load_dataset(name: str = "mnist", data_dir: Path | None = None, log=print) -> Dataset:
-    data_dir = Path(data_dir) if data_dir else default_data_dir()
-    if name == "mnist":
-        from . import mnist
+def _source(name: str):
+    """The module that fetches data set `name` (FILES, fetch(data_dir, log))."""
+    if name not in DATASETS:
+        raise CapsNetError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+    return importlib.import_module(f".{name.replace('-', '_')}", __name__)
 
-        arrays = mnist.load(data_dir, log)
-        labels = lambda key: torch.from_numpy(arrays[key].astype("int64"))  # noqa: E731
-        return Dataset("mnist", _as_images(arrays["train-images-idx3-ubyte"]), labels("train-labels-idx1-ubyte"),
-                       _as_images(arrays["t10k-images-idx3-ubyte"]), labels("t10k-labels-idx1-ubyte"), 10)
-    raise CapsNetError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+
+def load_dataset(name: str = "mnist", data_dir: Path | None = None, log=print) -> Dataset:
+    """A data set's train and test splits, fetched into the cache first if they are not there."""
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    raw = _source(name).fetch(data_dir, log)
+    arrays = {key: decode_idx(data, name=key) for key, data in raw.items()}
+    labels = lambda key: torch.from_numpy(arrays[key].astype("int64"))  # noqa: E731
+    return Dataset(name, _as_images(arrays["train-images-idx3-ubyte"]), labels("train-labels-idx1-ubyte"),
+                   _as_images(arrays["t10k-images-idx3-ubyte"]), labels("t10k-labels-idx1-ubyte"), 10)
 
 
 def fetch_dataset(name: str = "mnist", data_dir: Path | None = None, log=print) -> Path:
     """Fetch and verify a data set into the cache; return its folder."""
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    if name == "mnist":
-        from . import mnist
-
-        mnist.fetch(data_dir, log)
-        return data_dir / "mnist"
-    raise CapsNetError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+    _source(name).fetch(data_dir, log)
+    return data_dir / name
