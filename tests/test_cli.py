@@ -123,10 +123,12 @@ def test_evaluate_on_the_validation_split_reproduces_the_logged_figures(trained_
         assert_one_line_error(code, err, "config.json: cannot read the run's validation split")
 
 
-def test_evaluate_and_visualize_use_the_data_set_the_run_trained_on(trained_run, mnist, tmp_path, monkeypatch,
-                                                                     capsys):
+def test_evaluate_and_visualize_use_the_data_set_the_model_trained_on(trained_run, mnist, tmp_path, monkeypatch,
+                                                                       capsys):
     import capsnet.data
+    from capsnet.checkpoint import trained_on
 
+    assert trained_on(trained_run) == trained_on(trained_run / "last.pt") == "mnist"  # model.pt and last.pt say
     asked = []
     few = capsnet.data.Dataset("mnist", mnist.train_images[:10], mnist.train_labels[:10], mnist.test_images[:200],
                                mnist.test_labels[:200], 10)
@@ -138,28 +140,34 @@ def test_evaluate_and_visualize_use_the_data_set_the_run_trained_on(trained_run,
     monkeypatch.setattr(capsnet.data, "load_dataset", record)
     alone = tmp_path / "alone"
     alone.mkdir()
-    (alone / "model.pt").write_bytes((trained_run / "model.pt").read_bytes())
+    ckpt = torch.load(trained_run / "model.pt", weights_only=True)
     config = json.loads((trained_run / "config.json").read_text())
-    for train, flags, expected in (({"dataset": "fashion-mnist"}, [], "fashion-mnist"),
-                                   ({"dataset": "fashion-mnist"}, ["--dataset", "mnist"], "mnist"),
-                                   ({}, [], "mnist"),  # runs from before --dataset, or no config.json at all
-                                   (None, [], "mnist")):
-        if train is None:
-            (alone / "config.json").unlink()
-        else:
-            config["train"].pop("dataset", None)
-            config["train"].update(train)
+    # (what model.pt says, what config.json says, flags) -> the data set used; None: no such entry or file
+    for in_model, in_config, flags, expected in (("fashion-mnist", None, [], "fashion-mnist"),
+                                                 ("fashion-mnist", "mnist", [], "fashion-mnist"),
+                                                 ("fashion-mnist", None, ["--dataset", "mnist"], "mnist"),
+                                                 (None, "fashion-mnist", [], "fashion-mnist"),  # older checkpoints
+                                                 (None, None, [], "mnist")):
+        ckpt.pop("dataset", None)
+        ckpt.update({"dataset": in_model} if in_model else {})
+        torch.save(ckpt, alone / "model.pt")
+        (alone / "config.json").unlink(missing_ok=True)
+        if in_config:
+            config["train"]["dataset"] = in_config
             (alone / "config.json").write_text(json.dumps(config))
-        code, _, err = run_cli(capsys, "evaluate", "--load", str(alone), "--device", "cpu", *flags)
+        code, out, err = run_cli(capsys, "evaluate", "--load", str(alone), "--device", "cpu", *flags)
         assert code == 0, err
         assert asked.pop() == expected
-    code, _, err = run_cli(capsys, "visualize", "--load", str(trained_run), "--out", str(tmp_path / "pictures"),
-                           "--device", "cpu")
-    assert code == 0 and asked.pop() == "mnist"
-    config["train"]["dataset"] = "cifar10"
-    (alone / "config.json").write_text(json.dumps(config))
+        assert out.startswith("test accuracy on fashion-mnist " if expected == "fashion-mnist" else "test accuracy 1")
+        code, _, err = run_cli(capsys, "visualize", "--load", str(alone), "--out", str(tmp_path / "pictures"),
+                               "--device", "cpu", *flags)
+        assert code == 0 and asked.pop() == expected, err
+    ckpt["dataset"] = "cifar10"
+    torch.save(ckpt, alone / "model.pt")
     code, _, err = run_cli(capsys, "evaluate", "--load", str(alone / "model.pt"))
-    assert_one_line_error(code, err, "trained on 'cifar10', which this version does not know")
+    assert_one_line_error(code, err, "model.pt: the model was trained on 'cifar10', which this version does not know")
+    del ckpt["dataset"]
+    torch.save(ckpt, alone / "model.pt")
     (alone / "config.json").write_text("{not json")
     code, _, err = run_cli(capsys, "evaluate", "--load", str(alone))
     assert_one_line_error(code, err, "config.json: cannot read the run's data set (--dataset names it)")

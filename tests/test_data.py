@@ -75,6 +75,18 @@ def test_wrong_checksum_is_one_clear_error(tmp_path):
         mnist.fetch(tmp_path, log=lambda *a: None)
 
 
+def test_a_damaged_gzip_body_is_one_clear_error(tmp_path):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    # a good gzip header, then a deflate block of the reserved type 3: zlib, not gzip, finds the damage
+    packed = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\x07" + bytes(20)
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(packed)
+    with pytest.raises(CapsNetError, match="t10k-labels-idx1-ubyte.gz: corrupt or truncated gzip"):
+        mnist.fetch(tmp_path, log=lambda *a: None)
+    with pytest.raises(CapsNetError, match="labels.gz: corrupt or truncated gzip"):
+        decode_idx(packed, name="labels.gz")
+
+
 def test_an_unwritable_cache_fails_before_any_download(tmp_path, monkeypatch):
     def no_download(*args):
         raise AssertionError("a download was attempted")

@@ -8,7 +8,7 @@ averages over the last k epochs. At the end it tests each, and the live weights,
 and the validation split, then the run's own average again with 1, 2, 4 and 5 routing iterations
 and in float32, and writes DIR/probe.json. The run itself (metrics, model.pt, final.pt,
 summary.json) is the same as without the probe: the extra averages only read the weights. Reads
-MNIST from the default cache (no --data-dir). Each extra average costs one more pass over the
+the run's data set from the default cache (no --data-dir). Each extra average costs one more pass over the
 weights per step.
 """
 import json
@@ -63,7 +63,7 @@ from capsnet.config import TrainConfig, from_dict
 from capsnet.data import load_dataset
 
 cfg = from_dict(TrainConfig, cfg_json["train"])
-data = load_dataset("mnist", None, log=lambda *a: None)
+data = load_dataset(cfg.dataset, None, log=lambda *a: None)
 _, _, val_x, val_y = T.split_validation(data.subset(cfg.limit), cfg.val_size)
 models = {f"ema {cfg.ema_decay} (the run's)": p.model, "live": p.source, **{n: e.model for n, e in p.extras.items()},
           **{f"uniform last {k} epochs": slot[0].model for k, slot in p.tails.items()}}

@@ -51,10 +51,14 @@ def _why_unreadable(exc: Exception) -> str:
     return f" or corrupt ({first[:160]})"
 
 
-def model_payload(model, *, epoch: int, val_acc: float | None) -> dict:
-    """What model.pt holds: enough to rebuild and run the model, nothing to resume training."""
-    return {"format": FORMAT, "version": VERSION, "kind": "model", "model_config": to_dict(model.cfg),
-            "model": model.state_dict(), "epoch": epoch, "val_acc": val_acc}
+def model_payload(model, *, epoch: int, val_acc: float | None, dataset: str | None = None) -> dict:
+    """What model.pt holds: enough to rebuild and run the model (and the data set it was trained
+    on, where known), nothing to resume training."""
+    payload = {"format": FORMAT, "version": VERSION, "kind": "model", "model_config": to_dict(model.cfg),
+               "model": model.state_dict(), "epoch": epoch, "val_acc": val_acc}
+    if dataset is not None:
+        payload["dataset"] = dataset
+    return payload
 
 
 def train_state_payload(model, optimizer, train_config, *, epoch: int, best: dict, average=None,
@@ -84,8 +88,8 @@ def build_model(ckpt: dict, path: Path | str = "checkpoint"):
     return model
 
 
-def load_model(path: Path | str):
-    """A trained CapsNet from a run directory (its model.pt) or a checkpoint file, in eval mode."""
+def checkpoint_file(path: Path | str) -> Path:
+    """The checkpoint a path names: a run directory's model.pt, or the file itself."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
@@ -93,4 +97,18 @@ def load_model(path: Path | str):
             raise CapsNetError(f"{path.parent}: no model.pt in this run directory (has training finished an epoch?)")
     elif not path.exists():
         raise CapsNetError(f"{path}: no such run directory or checkpoint")
+    return path
+
+
+def load_model(path: Path | str):
+    """A trained CapsNet from a run directory (its model.pt) or a checkpoint file, in eval mode."""
+    path = checkpoint_file(path)
     return build_model(load_checkpoint(path), path).eval()
+
+
+def trained_on(path: Path | str) -> str | None:
+    """The data set a checkpoint (or a run directory's model.pt) records it was trained on;
+    None for checkpoints written before capsnet recorded it."""
+    ckpt = load_checkpoint(checkpoint_file(path))
+    name = ckpt.get("dataset", (ckpt.get("train_config") or {}).get("dataset"))  # model.pt; last.pt
+    return name if isinstance(name, str) else None

@@ -353,7 +353,8 @@ def cmd_evaluate(args) -> int:
     ok, n = evaluate(model, images, labels, cfg, precision)
     routing = "" if args.routing_iters is None else \
         f", {args.routing_iters} routing iteration{'s' if args.routing_iters > 1 else ''} (trained with {trained_iters})"
-    print(f"{name} accuracy {ok / n * 100:.2f}% ({errors_in(n - ok, n)}), {precision}{routing}")
+    on = "" if dataset == "mnist" else f" on {dataset}"
+    print(f"{name} accuracy{on} {ok / n * 100:.2f}% ({errors_in(n - ok, n)}), {precision}{routing}")
     return 0
 
 
@@ -388,12 +389,17 @@ def _logged_settings(load: Path, what: str) -> tuple[Path, dict | None]:
 
 
 def _trained_on(load: Path) -> str:
-    """The data set the run was trained on: mnist where no config.json says (a checkpoint on its own)."""
-    path, train = _logged_settings(load, "data set (--dataset names it)")
-    name = (train or {}).get("dataset", "mnist")
+    """The data set the model was trained on, as its checkpoint records it; for checkpoints from
+    before that was recorded, as its run's config.json says; mnist where neither says."""
+    from .checkpoint import trained_on
+
+    where, name = load, trained_on(load)
+    if name is None:
+        where, train = _logged_settings(load, "data set (--dataset names it)")
+        name = (train or {}).get("dataset", "mnist")
     if name not in DATASETS:
-        raise CapsNetError(f"{path}: the run was trained on {name!r}, which this version does not know "
-                           f"(known: {', '.join(DATASETS)})")
+        raise CapsNetError(f"{where}: the model was trained on {name!r}, which this version does not know "
+                           f"(known: {', '.join(DATASETS)}; --dataset names the images to use)")
     return name
 
 

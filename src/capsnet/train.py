@@ -443,7 +443,8 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
         selected = record["val_acc"] is None or record["val_acc"] >= best["val_acc"]
         if selected:
             best = {"val_acc": record["val_acc"] if record["val_acc"] is not None else -1.0, "epoch": epoch + 1}
-            atomic_torch_save(model_payload(evaluated, epoch=epoch + 1, val_acc=record["val_acc"]),
+            atomic_torch_save(model_payload(evaluated, epoch=epoch + 1, val_acc=record["val_acc"],
+                                            dataset=cfg.dataset),
                               run_dir / "model.pt")
         record["elapsed"] = time.perf_counter() - started
         # The epoch's record first, then last.pt: a crash between the two resumes from the epoch
@@ -460,7 +461,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
     if not main:
         return {}
     if cfg.epochs > 0 and start_epoch <= cfg.epochs:  # (also when resuming a finished run saved without it)
-        atomic_torch_save(model_payload(evaluated, epoch=cfg.epochs, val_acc=last_val), run_dir / "final.pt")
+        atomic_torch_save(model_payload(evaluated, epoch=cfg.epochs, val_acc=last_val, dataset=cfg.dataset), run_dir / "final.pt")
     return finish(run_dir, data, cfg, device, precision, log=log, verbose=verbose, started=started)
 
 

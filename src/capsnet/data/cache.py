@@ -1,6 +1,6 @@
 """A data set's four IDX files in the cache: found, fetched, verified by checksum, kept.
 
-Each data set (mnist.py, fashion.py) names its files' sha256 (of the raw, uncompressed IDX
+Each data set (mnist.py, fashion_mnist.py) names its files' sha256 (of the raw, uncompressed IDX
 content) and how to download what is missing; this module does the rest the same way for all.
 """
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -33,14 +34,22 @@ def verify(name: str, raw: bytes, expected_sha256: str) -> bytes:
     return raw
 
 
-def gunzip(data: bytes, name: str) -> bytes:
-    """data decompressed if it is gzip, as it is otherwise."""
+def gunzip(data: bytes, name: str, limit: int | None = None) -> bytes:
+    """data decompressed if it is gzip, as it is otherwise; more than `limit` bytes out is an error."""
     if data[:2] != b"\x1f\x8b":
         return data
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError) as exc:
+        if limit is None:
+            return gzip.decompress(data)
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # one gzip member, the files' layout
+        out = inflater.decompress(data, limit)
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a damaged body behind a good header
         raise CapsNetError(f"{name}: corrupt or truncated gzip file ({exc})") from None
+    if inflater.unconsumed_tail:
+        raise CapsNetError(f"{name}: larger than {limit:,} bytes decompressed: not one of the files sought")
+    if not inflater.eof:
+        raise CapsNetError(f"{name}: corrupt or truncated gzip file (it ends before its last block)")
+    return out
 
 
 def read_local(folder: Path, name: str) -> bytes | None:

@@ -9,11 +9,11 @@ the published raw IDX content.
 from __future__ import annotations
 
 import io
+import lzma
 import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
-
 
 from ..errors import CapsNetError
 from . import cache
@@ -33,6 +33,7 @@ SYSTEM_FOLDER = Path("/usr/share/datasets/fashion-mnist")  # where the Debian pa
 DEB = "dataset-fashion-mnist=0.0~git20200523.55506a9-1"
 DEB_SHA256 = "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0"
 DEB_FOLDER = "usr/share/datasets/fashion-mnist/"  # inside the package's data.tar
+MAX_FILE = 64 << 20  # bytes: the largest file sought (train images) is 47 MB raw
 
 
 def ar_members(blob: bytes, name: str = "archive") -> dict[str, bytes]:
@@ -64,11 +65,12 @@ def files_from_deb(blob: bytes, name: str = "package") -> dict[str, bytes]:
         with tarfile.open(fileobj=io.BytesIO(data[0]), mode="r:*") as tar:
             for info in tar:
                 path = info.name.removeprefix("./")
-                if info.isfile() and path.startswith(DEB_FOLDER):
-                    stem = path[len(DEB_FOLDER):].removesuffix(".gz")
-                    if stem in FILES:
-                        found[stem] = cache.gunzip(tar.extractfile(info).read(), f"{name}: {path}")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+                stem = path.removeprefix(DEB_FOLDER).removesuffix(".gz")
+                if info.isfile() and path.startswith(DEB_FOLDER) and stem in FILES:
+                    if info.size > MAX_FILE:
+                        raise CapsNetError(f"{name}: {path} is {info.size:,} bytes: not one of the files sought")
+                    found[stem] = cache.gunzip(tar.extractfile(info).read(), f"{name}: {path}", limit=MAX_FILE)
+    except (tarfile.TarError, EOFError, OSError, lzma.LZMAError) as exc:  # a damaged or cut archive
         raise CapsNetError(f"{name}: cannot read its data.tar ({exc})") from None
     missing = [stem for stem in FILES if stem not in found]
     if missing:
@@ -90,8 +92,9 @@ def _from_deb(log) -> dict[str, bytes]:
             raise CapsNetError(f"Fashion-MNIST: no local files, mirrors unreachable, and apt-get download "
                                f"{DEB} failed: {last}")
         blob = debs[0].read_bytes()
-    if cache.sha256(blob) != DEB_SHA256:
-        raise CapsNetError(f"{debs[0].name}: checksum mismatch, refusing to read it")
+    if cache.sha256(blob) != DEB_SHA256:  # e.g. another distribution's build of the package
+        raise CapsNetError(f"{debs[0].name}: not the Debian build capsnet pins (sha256 "
+                           f"{cache.sha256(blob)[:16]}..., expected {DEB_SHA256[:16]}...), refusing to read it")
     log(f"  read the IDX files from {debs[0].name} (sha256 verified)")
     return files_from_deb(blob, debs[0].name)
 
@@ -111,4 +114,3 @@ def _download(missing: list[str], log) -> dict[str, bytes]:
 def fetch(data_dir: Path, log=print) -> dict[str, bytes]:
     """Make sure data_dir/fashion-mnist holds the four verified raw IDX files; return their bytes."""
     return cache.fetch_files(Path(data_dir) / "fashion-mnist", FILES, "Fashion-MNIST", _download, log)
-

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 
 import numpy as np
 
@@ -27,7 +28,7 @@ def decode_idx(data: bytes, *, name: str = "IDX data", ndim: int | None = None) 
     if data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a damaged body behind a good header
             raise CapsNetError(f"{name}: corrupt or truncated gzip data ({exc})") from None
     if len(data) < 4:
         raise CapsNetError(f"{name}: truncated ({len(data)} bytes, no IDX header)")

@@ -84,4 +84,3 @@ def _download(missing: list[str], log) -> dict[str, bytes]:
 def fetch(data_dir: Path, log=print) -> dict[str, bytes]:
     """Make sure data_dir/mnist holds the four verified raw IDX files; return their bytes."""
     return cache.fetch_files(Path(data_dir) / "mnist", FILES, "MNIST", _download, log)
-
