@@ -162,6 +162,17 @@ def test_evaluate_and_visualize_use_the_data_set_the_model_trained_on(trained_ru
         code, _, err = run_cli(capsys, "visualize", "--load", str(alone), "--out", str(tmp_path / "pictures"),
                                "--device", "cpu", *flags)
         assert code == 0 and asked.pop() == expected, err
+    # --per-class: one line per class, in that data set's names, adding up to the first line's count
+    code, out, err = run_cli(capsys, "evaluate", "--load", str(alone), "--device", "cpu", "--per-class",
+                             "--dataset", "fashion-mnist")
+    assert code == 0 and asked.pop() == "fashion-mnist", err
+    head, *rows = out.strip().splitlines()
+    assert [row.split()[0] for row in rows] == ["T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal",
+                                                "shirt", "sneaker", "bag", "ankle"]
+    right = [int(row.split("%")[1].split()[0]) for row in rows]
+    of = [int(row.split(" of ")[1].split(";")[0]) for row in rows]
+    assert of == torch.bincount(few.test_labels, minlength=10).tolist()
+    assert f"({errors_in(200 - sum(right), 200)})" in head
     ckpt["dataset"] = "cifar10"
     torch.save(ckpt, alone / "model.pt")
     code, _, err = run_cli(capsys, "evaluate", "--load", str(alone / "model.pt"))
@@ -226,7 +237,11 @@ def test_force_keeps_the_old_run_until_the_new_one_can_start(trained_run, tmp_pa
     for name in ("config.json", "metrics.jsonl", "last.pt", "model.pt", "final.pt", "summary.json"):
         (old / name).write_bytes((trained_run / name).read_bytes())
     before = {p.name: p.read_bytes() for p in old.iterdir()}
-    for flags, needle in ((["--dataset", "cifar10"], "unknown dataset 'cifar10'"),
+    damaged = tmp_path / "data" / "mnist"
+    damaged.mkdir(parents=True)
+    (damaged / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 100)
+    for flags, needle in ((["--dataset", "cifar10"], "invalid choice: 'cifar10'"),
+                          (["--data-dir", str(damaged.parent)], "train-images-idx3-ubyte: truncated"),
                           (["--precision", "fp16"], "unknown precision 'fp16'"),
                           (["--val", "70000"], "--val 70000 must be between")):
         code, _, err = run_cli(capsys, "train", "-e", "1", "--save", str(old), "--force", "--device", "cpu", *flags)

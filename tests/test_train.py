@@ -225,3 +225,15 @@ def test_progress_bar_shows_loss_and_running_accuracy(capsys):
              "seconds": 1.0})
     out = capsys.readouterr().out
     assert "epoch 1" in out and "val 75.00%" in out and "10 img/s" in out
+
+
+def test_confusion_counts_each_true_and_predicted_pair():
+    from capsnet.cli import per_class_lines
+    from capsnet.train import confusion
+
+    counts = confusion(torch.tensor([0, 1, 1, 2, 1, 0]), torch.tensor([0, 1, 2, 2, 2, 2]), 3)
+    assert counts.tolist() == [[1, 0, 0], [0, 1, 0], [1, 2, 1]]
+    assert per_class_lines(counts, ("a", "b", "c")) == ["  a  100.0%  1 of 1", "  b  100.0%  1 of 1",
+                                                        "  c   25.0%  1 of 4; read as b 2, a 1"]
+    empty = confusion(torch.tensor([0]), torch.tensor([0]), 2)
+    assert per_class_lines(empty, ("zero", "one"))[1] == "  one       -  0 of 0"

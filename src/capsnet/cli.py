@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(read from the run directory's config.json)")
     e.add_argument("-b", "--batchsize", type=_positive, default=500)
     _trained_dataset_arg(e)
+    e.add_argument("--per-class", action="store_true",
+                   help="also each class's accuracy and the classes its errors went to (from the confusion counts)")
     e.add_argument("--routing-iters", type=_positive, default=None, metavar="N",
                    help="route N times instead of as many as the model was trained with (default: those)")
     _device_args(e)
@@ -330,9 +332,9 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .checkpoint import load_model
     from .config import TrainConfig
-    from .data import load_dataset
+    from .data import class_names, load_dataset
     from .runtime import resolve_precision
-    from .train import evaluate, split_validation
+    from .train import confusion, evaluate, predict, split_validation
 
     device = _device(args)
     model = load_model(args.load).to(device)
@@ -350,12 +352,31 @@ def cmd_evaluate(args) -> int:
     trained_iters = model.digits.routing_iters
     if args.routing_iters is not None:
         model.digits.routing_iters = args.routing_iters  # only how many times it routes: the weights stay
-    ok, n = evaluate(model, images, labels, cfg, precision)
+    if args.per_class:
+        counts = confusion(predict(model, images, args.batchsize, precision), labels, model.cfg.num_classes)
+        ok, n = int(counts.trace()), images.shape[0]
+    else:
+        ok, n = evaluate(model, images, labels, cfg, precision)
     routing = "" if args.routing_iters is None else \
         f", {args.routing_iters} routing iteration{'s' if args.routing_iters > 1 else ''} (trained with {trained_iters})"
     on = "" if dataset == "mnist" else f" on {dataset}"
     print(f"{name} accuracy{on} {ok / n * 100:.2f}% ({errors_in(n - ok, n)}), {precision}{routing}")
+    if args.per_class:
+        print("\n".join(per_class_lines(counts, class_names(dataset))))
     return 0
+
+
+def per_class_lines(counts, names) -> list[str]:
+    """One line per class: right of how many, and the (up to three) classes its errors went to most."""
+    width = max(len(str(n)) for n in names)
+    lines = []
+    for true, row in enumerate(counts.tolist()):
+        wrong = sorted(((c, p) for p, c in enumerate(row) if p != true and c), key=lambda cp: (-cp[0], cp[1]))
+        went = ", ".join(f"{names[p]} {c}" for c, p in wrong[:3]) + (", ..." if len(wrong) > 3 else "")
+        share = f"{row[true] / sum(row) * 100:5.1f}%" if sum(row) else "    -"
+        lines.append(f"  {names[true]:<{width}}  {share}  {row[true]} of {sum(row)}"
+                     + (f"; read as {went}" if went else ""))
+    return lines
 
 
 def errors_in(errors: int, images: int) -> str:

@@ -209,6 +209,12 @@ def evaluate(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, cfg: Tr
     return int((predicted == labels.to(predicted.device)).sum().item()), images.shape[0]
 
 
+def confusion(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[t, p]: how many images of class t were predicted as class p ([k, k] int64, on the CPU)."""
+    pairs = labels.cpu().long() * num_classes + predicted.cpu().long()
+    return torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
 # ----------------------------------------------------------------------------------- run directory
 
 
@@ -461,7 +467,8 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
     if not main:
         return {}
     if cfg.epochs > 0 and start_epoch <= cfg.epochs:  # (also when resuming a finished run saved without it)
-        atomic_torch_save(model_payload(evaluated, epoch=cfg.epochs, val_acc=last_val, dataset=cfg.dataset), run_dir / "final.pt")
+        atomic_torch_save(model_payload(evaluated, epoch=cfg.epochs, val_acc=last_val, dataset=cfg.dataset),
+                          run_dir / "final.pt")
     return finish(run_dir, data, cfg, device, precision, log=log, verbose=verbose, started=started)
 
 

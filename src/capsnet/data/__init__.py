@@ -56,6 +56,11 @@ def _source(name: str):
     return importlib.import_module(f".{name.replace('-', '_')}", __name__)
 
 
+def class_names(name: str) -> tuple[str, ...]:
+    """What each label of data set `name` stands for, in label order."""
+    return _source(name).CLASSES
+
+
 def load_dataset(name: str = "mnist", data_dir: Path | None = None, log=print) -> Dataset:
     """A data set's train and test splits, fetched into the cache first if they are not there."""
     data_dir = Path(data_dir) if data_dir else default_data_dir()
