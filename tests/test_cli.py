@@ -126,9 +126,10 @@ def test_evaluate_on_the_validation_split_reproduces_the_logged_figures(trained_
 def test_evaluate_and_visualize_use_the_data_set_the_model_trained_on(trained_run, mnist, tmp_path, monkeypatch,
                                                                        capsys):
     import capsnet.data
-    from capsnet.checkpoint import trained_on
+    from capsnet.checkpoint import load_model_and_dataset
 
-    assert trained_on(trained_run) == trained_on(trained_run / "last.pt") == "mnist"  # model.pt and last.pt say
+    for load in (trained_run, trained_run / "final.pt", trained_run / "last.pt"):  # each says what it learned from
+        assert load_model_and_dataset(load)[1] == "mnist"
     asked = []
     few = capsnet.data.Dataset("mnist", mnist.train_images[:10], mnist.train_labels[:10], mnist.test_images[:200],
                                mnist.test_labels[:200], 10)

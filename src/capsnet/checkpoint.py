@@ -106,9 +106,10 @@ def load_model(path: Path | str):
     return build_model(load_checkpoint(path), path).eval()
 
 
-def trained_on(path: Path | str) -> str | None:
-    """The data set a checkpoint (or a run directory's model.pt) records it was trained on;
-    None for checkpoints written before capsnet recorded it."""
-    ckpt = load_checkpoint(checkpoint_file(path))
+def load_model_and_dataset(path: Path | str):
+    """load_model's model, and the data set its checkpoint records it was trained on (None for
+    checkpoints written before capsnet recorded it), from one read of the file."""
+    path = checkpoint_file(path)
+    ckpt = load_checkpoint(path)
     name = ckpt.get("dataset", (ckpt.get("train_config") or {}).get("dataset"))  # model.pt; last.pt
-    return name if isinstance(name, str) else None
+    return build_model(ckpt, path).eval(), name if isinstance(name, str) else None

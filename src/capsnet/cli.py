@@ -330,16 +330,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .checkpoint import load_model
+    from .checkpoint import load_model_and_dataset
     from .config import TrainConfig
     from .data import class_names, load_dataset
     from .runtime import resolve_precision
     from .train import confusion, evaluate, predict, split_validation
 
     device = _device(args)
-    model = load_model(args.load).to(device)
+    model, recorded = load_model_and_dataset(args.load)
+    model = model.to(device)
     held_out = _held_out_split(args.load) if args.split == "val" else None  # before the data is fetched
-    dataset = args.dataset or _trained_on(args.load)
+    dataset = args.dataset or _trained_on(args.load, recorded)
     data = load_dataset(dataset, args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
     if held_out is None:
         name, images, labels = "test", data.test_images, data.test_labels
@@ -409,12 +410,10 @@ def _logged_settings(load: Path, what: str) -> tuple[Path, dict | None]:
     return path, train
 
 
-def _trained_on(load: Path) -> str:
-    """The data set the model was trained on, as its checkpoint records it; for checkpoints from
+def _trained_on(load: Path, recorded: str | None) -> str:
+    """The data set the model was trained on: as its checkpoint records it; for checkpoints from
     before that was recorded, as its run's config.json says; mnist where neither says."""
-    from .checkpoint import trained_on
-
-    where, name = load, trained_on(load)
+    where, name = load, recorded
     if name is None:
         where, train = _logged_settings(load, "data set (--dataset names it)")
         name = (train or {}).get("dataset", "mnist")
@@ -441,13 +440,13 @@ def _held_out_split(load: Path) -> tuple[int, int]:
 
 
 def cmd_visualize(args) -> int:
-    from .checkpoint import load_model
+    from .checkpoint import load_model_and_dataset
     from .data import load_dataset
     from .viz import write_all
 
     device = _device(args)
-    model = load_model(args.load)  # a wrong path or file fails here, before the data is fetched
-    dataset = args.dataset or _trained_on(args.load)
+    model, recorded = load_model_and_dataset(args.load)  # a bad path or file fails here, before any fetch
+    dataset = args.dataset or _trained_on(args.load, recorded)
     data = load_dataset(dataset, args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
     out = args.out or (args.load if args.load.is_dir() else args.load.parent)
     paths = write_all(args.load, data, out, device, args.precision or "auto", model=model)
