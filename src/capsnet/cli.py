@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=_non_negative, default=None, help="use only the first N training images")
     t.add_argument("--val", type=_non_negative, default=None, help="images held out for validation (default 5000)")
     t.add_argument("--dataset", choices=DATASETS, default=None,
-                   help="mnist (default) or fashion-mnist (Zalando's clothing pictures in MNIST's format)")
+                   help="mnist (default), fashion-mnist (Zalando's clothing pictures in MNIST's format) or "
+                        "multimnist (two overlapping digits per 36x36 image, made from MNIST: the paper's section 6)")
     t.add_argument("--routing-iters", type=_positive, default=None, help="routing iterations (default 3)")
     t.add_argument("--shared-weights", action="store_const", const=True, default=None,
                    help="one transformation matrix per capsule type (the Chainer port) instead of per capsule")
@@ -243,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/results/tried.json; its folders relative to --results)")
 
     d = sub.add_parser("data", help="fetch and verify a data set into the cache")
-    d.add_argument("--dataset", choices=DATASETS, default="mnist", help="mnist (default) or fashion-mnist")
+    d.add_argument("--dataset", choices=DATASETS, default="mnist",
+                   help="mnist (default), fashion-mnist, or multimnist (made from MNIST: fetches MNIST)")
     d.add_argument("--data-dir", type=Path, default=None, help="data cache (default $CAPSNET_DATA or ~/.cache/capsnet)")
     return parser
 
@@ -354,6 +356,8 @@ def cmd_evaluate(args) -> int:
     if args.routing_iters is not None:
         model.digits.routing_iters = args.routing_iters  # only how many times it routes: the weights stay
     if args.per_class:
+        if data.digits > 1:
+            raise CapsNetError(f"--per-class counts one class per image, and {dataset}'s images show {data.digits}")
         counts = confusion(predict(model, images, args.batchsize, precision), labels, model.cfg.num_classes)
         ok, n = int(counts.trace()), images.shape[0]
     else:
@@ -450,7 +454,8 @@ def cmd_visualize(args) -> int:
     data = load_dataset(dataset, args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
     out = args.out or (args.load if args.load.is_dir() else args.load.parent)
     paths = write_all(args.load, data, out, device, args.precision or "auto", model=model)
-    print(f"wrote {len(paths)} pictures to {out}: " + ", ".join(p.name for p in paths[:3]) + ", ...")
+    names = ", ".join(p.name for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+    print(f"wrote {len(paths)} picture{'s' if len(paths) > 1 else ''} to {out}: {names}")
     return 0
 
 
@@ -510,7 +515,8 @@ def cmd_data(args) -> int:
     from .data import fetch_dataset
 
     folder = fetch_dataset(args.dataset, args.data_dir)
-    print(f"{args.dataset}: verified in {folder}")
+    made = "" if folder.name == args.dataset else f"made from {folder.name}, "  # multimnist: from MNIST's files
+    print(f"{args.dataset}: {made}verified in {folder}")
     return 0
 
 

@@ -139,7 +139,7 @@ MAX_ELASTIC_SIGMA = 100.0  # pixels: a blur far wider than the image only makes 
 INITS = ("default", "authors")
 COMPILE_MODES = ("layer", "model", "graphs")
 # The data sets `capsnet data` fetches and `capsnet train --dataset` trains on (module capsnet.data.<name with _>).
-DATASETS = ("mnist", "fashion-mnist")
+DATASETS = ("mnist", "fashion-mnist", "multimnist")
 
 
 def to_dict(cfg) -> dict:

@@ -107,13 +107,16 @@ class CapsNet(nn.Module):
 
         During training pass the true labels: the decoder then learns from the capsule of
         the right class only (section 4.1), so it can't be helped by a wrong winner. At
-        evaluation (labels=None) it reconstructs through the longest capsule.
+        evaluation (labels=None) it reconstructs through the longest capsule. labels [b, m]
+        (multimnist: m digits per image) reconstruct once per label, recon [b, m, c, h, w].
         reconstruct=False skips the decoder (recon is None): classification alone.
         """
         poses = self.route(self.encode(images))
         lengths = poses.norm(dim=-1)  # [b, j]
         recon = None
         if self.decoder is not None and reconstruct:
-            select = labels if labels is not None else lengths.argmax(dim=1)
-            recon = self.reconstruct(poses, select)
+            if labels is not None and labels.dim() == 2:  # several objects per image: [b, m, c, h, w]
+                recon = torch.stack([self.reconstruct(poses, labels[:, m]) for m in range(labels.shape[1])], dim=1)
+            else:
+                recon = self.reconstruct(poses, labels if labels is not None else lengths.argmax(dim=1))
         return CapsNetOutput(lengths, poses, recon)

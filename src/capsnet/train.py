@@ -17,7 +17,7 @@ from . import __version__
 from .checkpoint import load_checkpoint, model_payload, train_state_payload
 from .config import COMPILE_MODES, LEGACY_TRAIN_SETTINGS, ModelConfig, TrainConfig, from_dict, to_dict
 from .averaging import WeightAverage
-from .data import Dataset
+from .data import Dataset, multimnist
 from .data.augment import augment
 from .errors import CapsNetError
 from .files import atomic_torch_save, atomic_write, write_json
@@ -103,12 +103,30 @@ def to_input(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images_u8.to(device, non_blocking=True).float().div_(255.0)
 
 
+def top_classes(lengths: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """The classes of the k longest capsules: [b] for k = 1, else [b, k], longest first."""
+    return lengths.argmax(dim=1) if k == 1 else lengths.topk(k, dim=1).indices
+
+
+def objects(labels: torch.Tensor) -> int:
+    """How many labelled objects each image shows: 1 for labels [n], m for [n, m] (multimnist)."""
+    return 1 if labels.dim() == 1 else labels.shape[1]
+
+
+def matches(predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[n] bool: right where the prediction is the label ([n]) or, for [n, m], names the same m classes."""
+    if labels.dim() == 1:
+        return predicted == labels
+    return (predicted.sort(dim=1).values == labels.sort(dim=1).values).all(dim=1)
+
+
 def step(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, precision: str,
-         optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+         optimizer: torch.optim.Optimizer, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One training batch: forward with reconstruction, loss, backward, update.
 
-    Returns (loss, number correct) as tensors, so a GPU is never made to wait for the host.
-    Evaluation goes through predict(), which skips the decoder.
+    target: what the decoder should reconstruct (default: the images themselves); for labels
+    [b, m], each object alone, [b, m, c, h, w]. Returns (loss, number correct) as tensors, so
+    a GPU is never made to wait for the host. Evaluation goes through predict(), which skips the decoder.
     """
     # Under --compile-mode graphs a new step may overwrite the last one's CUDA-graph outputs; say
     # where steps begin (a no-op for everything else). Nothing from an earlier step is kept.
@@ -116,12 +134,12 @@ def step(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, cfg: TrainC
     with autocast(images.device, precision):
         # Training reconstructs through the true class (section 4.1), never through the winner.
         out = model(images, labels, reconstruct=True)
-    loss, _, _ = capsule_loss(out.lengths, labels, out.recon, images, m_plus=cfg.m_plus, m_minus=cfg.m_minus,
+    loss, _, _ = capsule_loss(out.lengths, labels, out.recon, images if target is None else target, m_plus=cfg.m_plus, m_minus=cfg.m_minus,
                               lambda_absent=cfg.lambda_absent, recon_weight=cfg.recon_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    correct = (out.lengths.argmax(dim=1) == labels).sum()
+    correct = matches(top_classes(out.lengths, objects(labels)), labels).sum()
     return loss.detach(), correct
 
 
@@ -135,9 +153,13 @@ class EpochResult:
 
 def train_one_epoch(model, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                     cfg: TrainConfig, epoch: int, precision: str, progress=None, *,
-                    dist: DistInfo = SINGLE, average: WeightAverage | None = None) -> EpochResult:
+                    dist: DistInfo = SINGLE, average: WeightAverage | None = None,
+                    overlay: bool = False) -> EpochResult:
     """One pass over (images, labels) in a fresh random order with fresh random shifts (none in the
     last cfg.clean_epochs epochs).
+
+    overlay (multimnist): each digit is instead shifted and overlaid on a random digit of another
+    class from the same images (both drawn afresh every epoch); the decoder reconstructs each alone.
 
     The learning rate is set before every step (learning_rate at the fraction of the epoch done);
     average, if given, is updated after every step.
@@ -160,14 +182,22 @@ def train_one_epoch(model, optimizer: torch.optim.Optimizer, images: torch.Tenso
     start = time.perf_counter()
     for first in range(0, len(order), cfg.batch_size):
         idx = order[first:first + cfg.batch_size]
-        x = to_input(images[idx.to(images.device)], device)
-        if augmented:
-            x = augment(x, cfg, gen)
-        y = labels[idx.to(labels.device)].to(device, non_blocking=True)
+        target = None
+        if overlay:
+            y = labels[idx]
+            other = multimnist.partners(labels, y, gen)
+            pairs, parts = multimnist.overlay(images[idx], images[other], gen)
+            x, target = to_input(pairs, device), to_input(parts, device)  # [b, c, 36, 36], [b, 2, c, 36, 36]
+            y = torch.stack([y, labels[other]], dim=1).to(device, non_blocking=True)
+        else:
+            x = to_input(images[idx.to(images.device)], device)
+            if augmented:
+                x = augment(x, cfg, gen)
+            y = labels[idx.to(labels.device)].to(device, non_blocking=True)
         lr = learning_rate(cfg, epoch + first / len(order))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, ok = step(model, x, y, cfg, precision, optimizer)
+        loss, ok = step(model, x, y, cfg, precision, optimizer, target)
         if average is not None:
             average.update()
         loss_sum += loss * len(idx)
@@ -183,8 +213,9 @@ def train_one_epoch(model, optimizer: torch.optim.Optimizer, images: torch.Tenso
 
 
 @torch.no_grad()
-def predict(model: CapsNet, images: torch.Tensor, batch_size: int, precision: str) -> torch.Tensor:
-    """Predicted class of every image (uint8 [n, c, h, w], unshifted): [n] on the model's device.
+def predict(model: CapsNet, images: torch.Tensor, batch_size: int, precision: str, k: int = 1) -> torch.Tensor:
+    """Predicted class of every image (uint8 [n, c, h, w], unshifted): [n] on the model's device;
+    with k > 1 (multimnist) the classes of the k longest capsules, [n, k].
 
     The winner is the longest digit capsule; the decoder is skipped. Nothing waits for the host.
     """
@@ -197,16 +228,18 @@ def predict(model: CapsNet, images: torch.Tensor, batch_size: int, precision: st
         torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, precision):
             out = model(to_input(images[first:first + batch_size], device), reconstruct=False)
-        predicted.append(out.lengths.argmax(dim=1))  # [b], a fresh tensor outside any graph
+        predicted.append(top_classes(out.lengths, k))  # [b] or [b, k], a fresh tensor outside any graph
     model.train(was_training)
-    return torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat(predicted) if predicted else torch.zeros((0,) if k == 1 else (0, k), dtype=torch.long,
+                                                                   device=device)
 
 
 def evaluate(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
              precision: str) -> tuple[int, int]:
-    """(number correct, number of images) on unshifted images; classification only."""
-    predicted = predict(model, images, cfg.eval_batch_size, precision)
-    return int((predicted == labels.to(predicted.device)).sum().item()), images.shape[0]
+    """(number correct, number of images) on unshifted images; classification only. For labels
+    [n, m] (multimnist) an image counts as right when the m longest capsules are its m classes."""
+    predicted = predict(model, images, cfg.eval_batch_size, precision, objects(labels))
+    return int(matches(predicted, labels.to(predicted.device)).sum().item()), images.shape[0]
 
 
 def confusion(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -258,17 +291,31 @@ def check_settings(cfg: TrainConfig, data: Dataset, device: torch.device, dist: 
     if dist.world > 1 and cfg.freeze_conv1_after:
         raise CapsNetError("--freeze-conv1-after works in one process only (DistributedDataParallel needs every "
                            "parameter's gradient)")
+    if data.digits > 1:
+        single = {"--rotate": cfg.max_rotation, "--scale": cfg.max_scale, "--elastic": cfg.elastic,
+                  "--erase": cfg.erase, "--clean-epochs": cfg.clean_epochs}
+        if any(single.values()):
+            raise CapsNetError(f"{data.name}: its images are shifted pairs drawn afresh every epoch; "
+                               f"{', '.join(k for k, v in single.items() if v)} work on single digits only")
     resolve_precision(cfg.precision, device)
-    split_validation(data.subset(cfg.limit), cfg.val_size)
+    train_x, train_y, _, _ = split_validation(data.subset(cfg.limit), cfg.val_size)
+    if data.digits > 1:
+        multimnist.check_classes(train_y, "training digits")
 
 
 def split_validation(data: Dataset, val_size: int):
-    """The last val_size training images are held out: (train_x, train_y, val_x, val_y)."""
+    """The last val_size training images are held out: (train_x, train_y, val_x, val_y).
+
+    For multimnist these are digits, and the held-out ones are paired among themselves once
+    (multimnist.fixed_pairs): val_x [v, c, 36, 36], val_y [v, 2]."""
     n = data.train_images.shape[0]
     if val_size < 0 or val_size >= n:
         raise CapsNetError(f"--val {val_size} must be between 0 and {n - 1} (the training set has {n} images)")
     cut = n - val_size
-    return data.train_images[:cut], data.train_labels[:cut], data.train_images[cut:], data.train_labels[cut:]
+    val_x, val_y = data.train_images[cut:], data.train_labels[cut:]
+    if data.digits > 1 and val_size:
+        val_x, val_y = multimnist.fixed_pairs(val_x, val_y, multimnist.VAL_SEED, "validation digits")
+    return data.train_images[:cut], data.train_labels[:cut], val_x, val_y
 
 
 def model_config_for(data: Dataset, **overrides) -> ModelConfig:
@@ -416,7 +463,9 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
         kept = _read_metrics(metrics_path, start_epoch)  # drop epochs after the checkpoint, if any
         atomic_write(metrics_path, "".join(line + "\n" for line in kept).encode())
     if verbose:
-        log(f"capsnet {__version__}: {data.name}, {train_x.shape[0]} train / {val_x.shape[0]} val images, "
+        sizes = (f"{train_x.shape[0]} train / {val_x.shape[0]} val images" if data.digits == 1 else
+                 f"{train_x.shape[0]} train digits (paired afresh every epoch) / {val_x.shape[0]} val pairs")
+        log(f"capsnet {__version__}: {data.name}, {sizes}, "
             f"{sum(p.numel() for p in model.parameters()):,} parameters, {describe(device)}, {precision}"
             + (f", {dist.world} processes" if dist.world > 1 else ""))
     epoch_log = EpochLog(verbose)
@@ -430,7 +479,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
                 log(f"conv1 frozen from epoch {epoch + 1} on (--freeze-conv1-after {cfg.freeze_conv1_after})")
         progress = epoch_log.start(epoch, cfg.epochs, train_x.shape[0])
         result = train_one_epoch(trainee, optimizer, train_x, train_y, cfg, epoch, precision, progress, dist=dist,
-                                 average=average)
+                                 average=average, overlay=data.digits > 1)
         if not math.isfinite(result.loss):
             raise CapsNetError(f"training diverged at epoch {epoch + 1} (loss {result.loss}); last.pt keeps "
                                f"epoch {epoch}")

@@ -6,6 +6,8 @@
   its capsule (rows -0.30 .. +0.30); the unperturbed centre row in green.
 - vis_errors.png (ours): the test digits the model gets wrong, in test order, each over its
   reconstruction through the capsule that won and through the capsule of its true class.
+- vis_multi.png, for multimnist alone (the layout of the paper's Figure 5): test pairs, each over
+  its reconstructions through the two longest capsules, one in red and one in green.
 """
 from __future__ import annotations
 
@@ -152,10 +154,40 @@ def error_picture(model, data, precision: str):
     return (stack(blocks) if blocks else None), len(wrong)
 
 
+MULTI_COLUMNS, MULTI_BLOCKS = 20, 2
+
+
+@torch.no_grad()
+def multi_picture(model, data, precision: str):
+    """vis_multi.png's image: the first MULTI_COLUMNS * MULTI_BLOCKS test pairs in blocks of columns, each
+    block a caption row of the true classes, the images (green), the reconstructions through the two
+    longest capsules (the longer in red, the other in green, yellow where both draw) and a caption row of
+    those two classes, marked '!' where they are not the true ones."""
+    from .runtime import autocast
+    from .train import matches, to_input
+
+    device = next(model.parameters()).device
+    blocks = []
+    for first in range(0, min(MULTI_COLUMNS * MULTI_BLOCKS, data.test_images.shape[0]), MULTI_COLUMNS):
+        labels = data.test_labels[first:first + MULTI_COLUMNS]  # [b, 2]
+        images = to_input(data.test_images[first:first + MULTI_COLUMNS], device)  # [b, 1, h, w]
+        with autocast(device, precision):
+            poses = model.route(model.encode(images))
+            top = poses.norm(dim=-1).topk(2, dim=1).indices  # [b, 2], longest first
+            recon = [model.reconstruct(poses, top[:, m]).float() for m in range(2)]  # 2 x [b, 1, h, w]
+        rgb = torch.cat([recon[0], recon[1], torch.zeros_like(recon[0])], dim=1).cpu().numpy()  # [b, 3, h, w]
+        right = matches(top.cpu(), labels).tolist()
+        tiles = grid([[(im, GREEN) for im in images.float().cpu().numpy()], [(im, None) for im in rgb]])
+        blocks.append(stack([caption_row([f"{a},{b}" for a, b in labels.tolist()]), tiles,
+                             caption_row([f"{p},{q}" + ("" if ok else "!") for (p, q), ok in zip(top.tolist(), right)])]))
+    return stack(blocks)
+
+
 def write_all(load: Path, data, out: Path, device: torch.device, precision: str = "auto", *,
               model=None) -> list[Path]:
     """Write vis.png, vis_all.png, vis_tweaked0..K.png and vis_errors.png (if the model makes any
-    test errors) for the model at `load` (or `model`, already loaded from there); return their paths."""
+    test errors) for the model at `load` (or `model`, already loaded from there); return their paths.
+    For multimnist, vis_multi.png alone."""
     from .checkpoint import load_model
     from .runtime import resolve_precision
     from .train import to_input
@@ -167,6 +199,8 @@ def write_all(load: Path, data, out: Path, device: torch.device, precision: str 
         raise CapsNetError(f"{load}: the model expects {model.cfg.image_size}px images, the data has {data.image_size}")
     precision = resolve_precision(precision, device)  # refused here, before any picture is overwritten
     out = Path(out)
+    if data.digits > 1:  # (one class per picture below)
+        return [save_png(multi_picture(model, data, precision), out / "vis_multi.png")]
     k = model.cfg.num_classes
     idx = pick_examples(data.test_labels, k, 2)
     images = to_input(data.test_images[idx], device)  # [2k, c, h, w]

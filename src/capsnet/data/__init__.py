@@ -15,7 +15,11 @@ from .idx import decode_idx
 
 @dataclass
 class Dataset:
-    """Images [n, c, h, w] uint8 and labels [n] int64, for a train and a test split."""
+    """Images [n, c, h, w] uint8 and labels [n] int64, for a train and a test split.
+
+    With digits > 1 (multimnist) each test image shows that many objects and its labels are
+    [n, digits]; the training images are then the single digits the training loop overlays.
+    """
 
     name: str
     train_images: torch.Tensor
@@ -23,21 +27,23 @@ class Dataset:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     num_classes: int
+    digits: int = 1
 
     @property
     def in_channels(self) -> int:
-        return self.train_images.shape[1]
+        return self.test_images.shape[1]
 
     @property
     def image_size(self) -> int:
-        return self.train_images.shape[2]
+        """The side of the images the model sees (the test images': for multimnist, larger than the training digits)."""
+        return self.test_images.shape[2]
 
     def subset(self, limit: int) -> "Dataset":
         """The first `limit` training images (all of them for 0); the test split is kept."""
         if limit <= 0:
             return self
         return Dataset(self.name, self.train_images[:limit], self.train_labels[:limit], self.test_images,
-                       self.test_labels, self.num_classes)
+                       self.test_labels, self.num_classes, self.digits)
 
 
 def default_data_dir() -> Path:
@@ -50,7 +56,8 @@ def _as_images(arr) -> torch.Tensor:
 
 
 def _source(name: str):
-    """The module that fetches data set `name` (FILES, fetch(data_dir, log))."""
+    """The module that fetches data set `name` (fetch(data_dir, log), CLASSES; BASE and derive(base)
+    for a data set made from another one)."""
     if name not in DATASETS:
         raise CapsNetError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
     return importlib.import_module(f".{name.replace('-', '_')}", __name__)
@@ -64,7 +71,10 @@ def class_names(name: str) -> tuple[str, ...]:
 def load_dataset(name: str = "mnist", data_dir: Path | None = None, log=print) -> Dataset:
     """A data set's train and test splits, fetched into the cache first if they are not there."""
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    raw = _source(name).fetch(data_dir, log)
+    source = _source(name)
+    if hasattr(source, "BASE"):
+        return source.derive(load_dataset(source.BASE, data_dir, log))
+    raw = source.fetch(data_dir, log)
     arrays = {key: decode_idx(data, name=key) for key, data in raw.items()}
     labels = lambda key: torch.from_numpy(arrays[key].astype("int64"))  # noqa: E731
     return Dataset(name, _as_images(arrays["train-images-idx3-ubyte"]), labels("train-labels-idx1-ubyte"),
@@ -74,5 +84,6 @@ def load_dataset(name: str = "mnist", data_dir: Path | None = None, log=print) -
 def fetch_dataset(name: str = "mnist", data_dir: Path | None = None, log=print) -> Path:
     """Fetch and verify a data set into the cache; return its folder."""
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    _source(name).fetch(data_dir, log)
-    return data_dir / name
+    source = _source(name)
+    source.fetch(data_dir, log)
+    return data_dir / getattr(source, "BASE", name)

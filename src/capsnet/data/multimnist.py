@@ -1,0 +1,91 @@
+"""MultiMNIST (Sabour et al. 2017, section 6): two MNIST digits of different classes, each shifted by
+up to 4 pixels in each direction, overlaid on one 36x36 image.
+
+Nothing is downloaded beyond MNIST. The training loop pairs the training digits afresh every epoch
+(`overlay`, from the run's seed); the validation and test pairs are drawn once from fixed seeds
+(`fixed_pairs`), so every run and every `capsnet evaluate` sees the same images. Where the two
+digits overlap their intensities add, capped at 255 (our choice: the paper says "overlaying").
+The test set pairs each of MNIST's 10,000 test digits with one partner (the paper drew 1,000 per
+digit: 10M images); the training digits' partners come from the training digits alone.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CapsNetError
+from . import mnist
+from .augment import random_shift
+
+BASE = "mnist"  # the data set the pairs are made from
+CLASSES = mnist.CLASSES
+DIGITS = 2  # digits per image
+MAX_SHIFT = 4  # pixels, each direction, each digit
+SIZE = 28 + 2 * MAX_SHIFT  # 36
+TEST_SEED, VAL_SEED = 2017, 2018  # the fixed pairs' random streams
+
+
+def fetch(data_dir, log=print) -> dict[str, bytes]:
+    """MultiMNIST is made from MNIST's files: fetch (and verify) those."""
+    return mnist.fetch(data_dir, log)
+
+
+def check_classes(labels: torch.Tensor, what: str = "digits") -> None:
+    """Refuse digits that can't be paired: all of one class (a small --limit or --val, say)."""
+    if labels.numel() and bool((labels == labels[0]).all()):
+        raise CapsNetError(f"multimnist pairs digits of different classes, and the {labels.numel()} {what} "
+                           f"are all {int(labels[0])}s (a larger --limit or --val would hold others)")
+
+
+def partners(pool_labels: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """For each of `labels` [b], the index of a random digit in the pool ([n] labels) of another class: [b].
+
+    Drawn uniformly from the pool and drawn again where the class is the same (one in ten, about),
+    so each class turns up as often as it does in the pool. The pool must hold two classes or more.
+    """
+    n = pool_labels.shape[0]
+    pick = torch.randint(0, n, labels.shape, generator=generator, device=labels.device)
+    same = pool_labels[pick] == labels
+    while bool(same.any()):
+        redraw = torch.randint(0, n, (int(same.sum()),), generator=generator, device=labels.device)
+        pick[same] = redraw
+        same = pool_labels[pick] == labels
+    return pick
+
+
+def place(digits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """[b, c, 28, 28] -> [b, c, 36, 36]: each digit at its own random offset, up to 4 px each way from the centre."""
+    centred = F.pad(digits, (MAX_SHIFT,) * 4)  # [b, c, 36, 36]
+    return random_shift(centred, MAX_SHIFT, generator)  # the 4-px border leaves every digit whole
+
+
+def overlay(first: torch.Tensor, second: torch.Tensor,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two uint8 digit batches [b, c, 28, 28] -> (images [b, c, 36, 36], parts [b, 2, c, 36, 36]), uint8.
+
+    parts holds each digit as placed, alone: what the decoder learns to reconstruct from its capsule.
+    """
+    parts = torch.stack([place(first, generator), place(second, generator)], dim=1)  # [b, 2, c, 36, 36]
+    images = parts.sum(dim=1, dtype=torch.int16).clamp_(max=255).to(torch.uint8)
+    return images, parts
+
+
+def fixed_pairs(images: torch.Tensor, labels: torch.Tensor, seed: int,
+                what: str = "digits") -> tuple[torch.Tensor, torch.Tensor]:
+    """Each digit [n, c, 28, 28] with one partner from the same set, drawn from `seed`:
+    (images [n, c, 36, 36] uint8, labels [n, 2]: its own class first)."""
+    check_classes(labels, what)
+    g = torch.Generator(device=images.device).manual_seed(seed)
+    other = partners(labels, labels, g)
+    pairs, _ = overlay(images, images[other], g)
+    return pairs, torch.stack([labels, labels[other]], dim=1)
+
+
+def derive(base):
+    """The MultiMNIST data set from MNIST: the training digits stay single (the loop pairs them),
+    the test digits are paired once (fixed_pairs, TEST_SEED)."""
+    from . import Dataset
+
+    test_images, test_labels = fixed_pairs(base.test_images, base.test_labels, TEST_SEED, "test digits")
+    return Dataset("multimnist", base.train_images, base.train_labels, test_images, test_labels,
+                   base.num_classes, digits=DIGITS)
