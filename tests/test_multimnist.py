@@ -139,6 +139,7 @@ def test_multimnist_from_the_command_line(tmp_path, mnist, capsys):
     assert code == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test_images"] == 10000
+    assert json.loads((run / "config.json").read_text())["train"]["max_shift"] == 4  # the paper's, for pairs
     capsys.readouterr()
     assert main(["evaluate", "--load", str(run), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -156,7 +157,14 @@ def test_multimnist_from_the_command_line(tmp_path, mnist, capsys):
     assert main(["train", "--dataset", "multimnist", "--rotate", "5", "-e", "1", "--save", str(tmp_path / "r"),
                  "--device", "cpu"]) != 0
     assert "--rotate work on single digits only" in capsys.readouterr().err
+    assert main(["train", "--dataset", "multimnist", "--shift", "5", "-e", "1", "--save", str(tmp_path / "r"),
+                 "--device", "cpu"]) != 0
+    assert "--shift 0 to 4, not 5" in capsys.readouterr().err
     assert not (tmp_path / "r" / "config.json").exists()
+    # A 36px model on 28px images (or the reverse) is one line, not a shape error from deep inside.
+    assert main(["evaluate", "--load", str(run), "--dataset", "mnist", "--device", "cpu"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the model takes 36px images" in err and "mnist's are 28px" in err, err
 
 
 def test_a_resumed_run_draws_the_same_pairs_as_a_straight_one(tmp_path):
@@ -189,3 +197,23 @@ def test_a_resumed_run_draws_the_same_pairs_as_a_straight_one(tmp_path):
     assert a["epoch"] == b["epoch"] == 2
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_partners_are_uniform_over_the_other_classes_digits():
+    pool = torch.tensor([0, 1, 1, 2, 2, 2, 2, 0])
+    picks = multimnist.partners(pool, torch.full((20000,), 1), torch.Generator().manual_seed(0), num_classes=3)
+    counts = torch.bincount(picks, minlength=8).float() / 20000
+    # Digits 0, 3, 4, 5, 6 and 7 (classes 0 and 2), a sixth of the draws each; never 1 or 2 (class 1).
+    assert counts[[1, 2]].sum() == 0
+    assert torch.allclose(counts[[0, 3, 4, 5, 6, 7]], torch.full((6,), 1 / 6), atol=0.015)
+
+
+def test_the_shift_of_a_pair_s_digits_is_bounded():
+    from capsnet.errors import CapsNetError
+
+    digits = _digits().train_images[:16]
+    g = torch.Generator().manual_seed(0)
+    _, parts = multimnist.overlay(digits, digits.flip(0), g, max_shift=0)
+    assert torch.equal(parts[:, 0, :, 4:32, 4:32], digits)  # centred
+    with pytest.raises(CapsNetError, match="0 to 4 px, not 5"):
+        multimnist.overlay(digits, digits, g, max_shift=5)

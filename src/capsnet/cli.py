@@ -277,6 +277,10 @@ def cmd_train(args) -> int:
                        "elastic": args.elastic, "elastic_sigma": args.elastic_sigma,
                        "erase": args.erase, "clean_epochs": args.clean_epochs,
                        "compile_mode": args.compile_mode, "freeze_conv1_after": args.freeze_conv1_after}
+    if args.dataset == "multimnist" and args.shift is None:
+        from .data.multimnist import MAX_SHIFT
+
+        train_overrides["max_shift"] = MAX_SHIFT  # the paper's 4 px for each digit of a pair (2 for single digits)
     train_overrides = {k: v for k, v in train_overrides.items() if v is not None}
     model_overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
 
@@ -327,7 +331,7 @@ def cmd_train(args) -> int:
 
         paths = write_all(run_dir, data, run_dir, device, cfg.precision)
         if not args.quiet:
-            print(f"wrote {len(paths)} pictures to {run_dir}")
+            print(f"wrote {len(paths)} picture{'s' if len(paths) > 1 else ''} to {run_dir}")
     return 0
 
 
@@ -344,6 +348,9 @@ def cmd_evaluate(args) -> int:
     held_out = _held_out_split(args.load) if args.split == "val" else None  # before the data is fetched
     dataset = args.dataset or _trained_on(args.load, recorded)
     data = load_dataset(dataset, args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
+    if (model.cfg.in_channels, model.cfg.image_size) != (data.in_channels, data.image_size):
+        raise CapsNetError(f"{args.load}: the model takes {model.cfg.image_size}px images with {model.cfg.in_channels} "
+                           f"channel(s), and {dataset}'s are {data.image_size}px with {data.in_channels}")
     if held_out is None:
         name, images, labels = "test", data.test_images, data.test_labels
     else:

@@ -158,8 +158,9 @@ def train_one_epoch(model, optimizer: torch.optim.Optimizer, images: torch.Tenso
     """One pass over (images, labels) in a fresh random order with fresh random shifts (none in the
     last cfg.clean_epochs epochs).
 
-    overlay (multimnist): each digit is instead shifted and overlaid on a random digit of another
-    class from the same images (both drawn afresh every epoch); the decoder reconstructs each alone.
+    overlay (multimnist): each digit is instead shifted (up to cfg.max_shift px) and overlaid on a random
+    digit of another class from the same images (both drawn afresh every epoch); the decoder
+    reconstructs each alone.
 
     The learning rate is set before every step (learning_rate at the fraction of the epoch done);
     average, if given, is updated after every step.
@@ -186,7 +187,7 @@ def train_one_epoch(model, optimizer: torch.optim.Optimizer, images: torch.Tenso
         if overlay:
             y = labels[idx]
             other = multimnist.partners(labels, y, gen)
-            pairs, parts = multimnist.overlay(images[idx], images[other], gen)
+            pairs, parts = multimnist.overlay(images[idx], images[other], gen, cfg.max_shift)
             x, target = to_input(pairs, device), to_input(parts, device)  # [b, c, 36, 36], [b, 2, c, 36, 36]
             y = torch.stack([y, labels[other]], dim=1).to(device, non_blocking=True)
         else:
@@ -297,6 +298,9 @@ def check_settings(cfg: TrainConfig, data: Dataset, device: torch.device, dist: 
         if any(single.values()):
             raise CapsNetError(f"{data.name}: its images are shifted pairs drawn afresh every epoch; "
                                f"{', '.join(k for k, v in single.items() if v)} work on single digits only")
+        if not 0 <= cfg.max_shift <= multimnist.MAX_SHIFT:
+            raise CapsNetError(f"{data.name}: its {multimnist.SIZE}x{multimnist.SIZE} images leave room for "
+                               f"--shift 0 to {multimnist.MAX_SHIFT}, not {cfg.max_shift}")
     resolve_precision(cfg.precision, device)
     train_x, train_y, _, _ = split_validation(data.subset(cfg.limit), cfg.val_size)
     if data.digits > 1:

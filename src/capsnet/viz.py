@@ -123,10 +123,10 @@ ERROR_COLUMNS, MAX_ERRORS = 20, 100
 def misclassified(model, images_u8: torch.Tensor, labels: torch.Tensor, precision: str,
                   batch: int = TrainConfig.eval_batch_size) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, predicted classes) of the images the model gets wrong, as `capsnet evaluate` counts them."""
-    from .train import predict
+    from .train import matches, objects, predict
 
-    predicted = predict(model, images_u8, batch, precision).cpu()
-    wrong = (predicted != labels.cpu()).nonzero().flatten()
+    predicted = predict(model, images_u8, batch, precision, objects(labels)).cpu()
+    wrong = (~matches(predicted, labels.cpu())).nonzero().flatten()
     return wrong, predicted[wrong]
 
 

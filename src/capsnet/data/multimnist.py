@@ -2,7 +2,7 @@
 up to 4 pixels in each direction, overlaid on one 36x36 image.
 
 Nothing is downloaded beyond MNIST. The training loop pairs the training digits afresh every epoch
-(`overlay`, from the run's seed); the validation and test pairs are drawn once from fixed seeds
+(`overlay`, from the run's seed, shifting each digit by up to --shift px: 4 unless told); the validation and test pairs are drawn once from fixed seeds
 (`fixed_pairs`), so every run and every `capsnet evaluate` sees the same images. Where the two
 digits overlap their intensities add, capped at 255 (our choice: the paper says "overlaying").
 The test set pairs each of MNIST's 10,000 test digits with one partner (the paper drew 1,000 per
@@ -37,35 +37,43 @@ def check_classes(labels: torch.Tensor, what: str = "digits") -> None:
                            f"are all {int(labels[0])}s (a larger --limit or --val would hold others)")
 
 
-def partners(pool_labels: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def partners(pool_labels: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+             num_classes: int = len(CLASSES)) -> torch.Tensor:
     """For each of `labels` [b], the index of a random digit in the pool ([n] labels) of another class: [b].
 
-    Drawn uniformly from the pool and drawn again where the class is the same (one in ten, about),
-    so each class turns up as often as it does in the pool. The pool must hold two classes or more.
+    Uniform over the pool's digits of other classes, so each class turns up as often as it does
+    there. With the pool sorted by class, a digit's own class is one block of it: draw a place among
+    the other n - count[y] and step over that block. Nothing waits for the device (no redraw loop).
+    The pool must hold two classes or more (check_classes).
     """
     n = pool_labels.shape[0]
-    pick = torch.randint(0, n, labels.shape, generator=generator, device=labels.device)
-    same = pool_labels[pick] == labels
-    while bool(same.any()):
-        redraw = torch.randint(0, n, (int(same.sum()),), generator=generator, device=labels.device)
-        pick[same] = redraw
-        same = pool_labels[pick] == labels
-    return pick
+    by_class = torch.argsort(pool_labels, stable=True)  # [n]
+    counts = F.one_hot(pool_labels, num_classes).sum(dim=0)  # [k]
+    starts = counts.cumsum(0) - counts  # [k] where each class's block begins
+    u = torch.rand(labels.shape, generator=generator, device=labels.device)
+    place = (u * (n - counts[labels])).long().clamp_(max=n - 1)  # [b] among the other classes' digits
+    place += (place >= starts[labels]) * counts[labels]  # step over the own class's block
+    return by_class[place]
 
 
-def place(digits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """[b, c, 28, 28] -> [b, c, 36, 36]: each digit at its own random offset, up to 4 px each way from the centre."""
+def place(digits: torch.Tensor, generator: torch.Generator, max_shift: int = MAX_SHIFT) -> torch.Tensor:
+    """[b, c, 28, 28] -> [b, c, 36, 36]: each digit at its own random offset from the centre, up to
+    max_shift (at most 4) px each way."""
+    if not 0 <= max_shift <= MAX_SHIFT:
+        raise CapsNetError(f"multimnist's {SIZE}x{SIZE} images leave room for shifts of 0 to {MAX_SHIFT} px, "
+                           f"not {max_shift}")
     centred = F.pad(digits, (MAX_SHIFT,) * 4)  # [b, c, 36, 36]
-    return random_shift(centred, MAX_SHIFT, generator)  # the 4-px border leaves every digit whole
+    return random_shift(centred, max_shift, generator)  # the 4-px border leaves every digit whole
 
 
-def overlay(first: torch.Tensor, second: torch.Tensor,
-            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def overlay(first: torch.Tensor, second: torch.Tensor, generator: torch.Generator,
+            max_shift: int = MAX_SHIFT) -> tuple[torch.Tensor, torch.Tensor]:
     """Two uint8 digit batches [b, c, 28, 28] -> (images [b, c, 36, 36], parts [b, 2, c, 36, 36]), uint8.
 
     parts holds each digit as placed, alone: what the decoder learns to reconstruct from its capsule.
     """
-    parts = torch.stack([place(first, generator), place(second, generator)], dim=1)  # [b, 2, c, 36, 36]
+    parts = torch.stack([place(first, generator, max_shift), place(second, generator, max_shift)],
+                        dim=1)  # [b, 2, c, 36, 36]
     images = parts.sum(dim=1, dtype=torch.int16).clamp_(max=255).to(torch.uint8)
     return images, parts
 
