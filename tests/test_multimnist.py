@@ -139,7 +139,8 @@ def test_multimnist_from_the_command_line(tmp_path, mnist, capsys):
     assert code == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test_images"] == 10000
-    assert json.loads((run / "config.json").read_text())["train"]["max_shift"] == 4  # the paper's, for pairs
+    train = json.loads((run / "config.json").read_text())["train"]
+    assert (train["max_shift"], train["lr"]) == (4, 1e-3)  # the paper's shift for pairs; a rate that learns them
     capsys.readouterr()
     assert main(["evaluate", "--load", str(run), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -217,3 +218,13 @@ def test_the_shift_of_a_pair_s_digits_is_bounded():
     assert torch.equal(parts[:, 0, :, 4:32, 4:32], digits)  # centred
     with pytest.raises(CapsNetError, match="0 to 4 px, not 5"):
         multimnist.overlay(digits, digits, g, max_shift=5)
+
+
+def test_the_data_set_s_settings_come_between_the_recipe_and_the_flags():
+    from capsnet.config import recipe_config
+
+    assert (recipe_config("fast").lr, recipe_config("fast").max_shift) == (2e-3, 2)
+    fast = recipe_config("fast", dataset="multimnist")
+    assert (fast.lr, fast.max_shift, fast.epochs) == (1e-3, 4, 9)
+    assert recipe_config("fast", dataset="multimnist", lr=5e-4, max_shift=3).lr == 5e-4
+    assert recipe_config("fast", dataset="multimnist", lr=5e-4, max_shift=3).max_shift == 3

@@ -277,10 +277,6 @@ def cmd_train(args) -> int:
                        "elastic": args.elastic, "elastic_sigma": args.elastic_sigma,
                        "erase": args.erase, "clean_epochs": args.clean_epochs,
                        "compile_mode": args.compile_mode, "freeze_conv1_after": args.freeze_conv1_after}
-    if args.dataset == "multimnist" and args.shift is None:
-        from .data.multimnist import MAX_SHIFT
-
-        train_overrides["max_shift"] = MAX_SHIFT  # the paper's 4 px for each digit of a pair (2 for single digits)
     train_overrides = {k: v for k, v in train_overrides.items() if v is not None}
     model_overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
 
