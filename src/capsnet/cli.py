@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
-from .config import COMPILE_MODES, DATASETS, INITS, MAX_ELASTIC_SIGMA, RECIPES, SCHEDULES, ModelConfig, TrainConfig
+from .config import COMPILE_MODES, DATASET_SETTINGS, DATASETS, INITS, MAX_ELASTIC_SIGMA, RECIPES, SCHEDULES, ModelConfig, TrainConfig
 from .errors import CapsNetError
 
 # Model flags: None means "not given", so --resume can tell a conflicting flag from a default.
@@ -130,12 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-e", "--epoch", type=_positive, default=None, help=f"epochs (default: the recipe's, {TrainConfig.epochs}; fast: {RECIPES['fast']['epochs']})")
     t.add_argument("-b", "--batchsize", type=_positive, default=None, help="batch size (default 64)")
     t.add_argument("-d", "--decay", type=_decay, default=None, help="learning-rate decay per epoch with --schedule exp (0.95)")
-    t.add_argument("--lr", type=_positive_float, default=None, help=f"peak learning rate (default: the recipe's, {TrainConfig.lr:g}; fast: {RECIPES['fast']['lr']:g})")
+    t.add_argument("--lr", type=_positive_float, default=None, help=f"peak learning rate (default: the recipe's, {TrainConfig.lr:g}; fast: {RECIPES['fast']['lr']:g}; "
+                        f"multimnist: {DATASET_SETTINGS['multimnist']['lr']:g} whatever the recipe)")
     t.add_argument("--recon-weight", type=_positive_float, default=None, metavar="W",
                    help=f"weight of the reconstruction loss (sum of squared errors) beside the margin loss "
                         f"(default {TrainConfig.recon_weight:g}, the paper's)")
     t.add_argument("--shift", type=_non_negative, default=None,
-                   help="largest random shift of a training image, in pixels (default 2, the paper's; 0 = none)")
+                   help="largest random shift of a training image, in pixels (default 2, the paper's; 0 = none; "
+                        "multimnist: of each digit, default 4, the paper's, at most 4)")
     t.add_argument("--rotate", type=_degrees, default=None, metavar="DEG",
                    help="also rotate each training image at random by up to DEG degrees (default 0: not in the paper)")
     t.add_argument("--scale", type=_fraction, default=None, metavar="FRAC",
