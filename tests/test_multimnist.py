@@ -40,7 +40,7 @@ def test_overlay_keeps_each_digit_whole_and_adds_them_capped():
 
 
 def test_partners_are_of_another_class_and_follow_the_seed():
-    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 2])  # most of the pool is one class: many redraws
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 2])  # most of the pool is one class
     picks = [multimnist.partners(labels, labels, torch.Generator().manual_seed(5)) for _ in range(2)]
     assert torch.equal(picks[0], picks[1])
     assert (labels[picks[0]] != labels).all()
@@ -117,7 +117,8 @@ def test_single_digit_augmentations_are_refused():
     from capsnet.errors import CapsNetError
 
     data = multimnist.derive(_digits())
-    for setting, flag in (({"max_rotation": 10.0}, "--rotate"), ({"erase": 4}, "--erase"),
+    for setting, flag in (({"max_rotation": 10.0}, "--rotate"), ({"max_scale": 0.1}, "--scale"),
+                          ({"elastic": 34.0}, "--elastic"), ({"erase": 4}, "--erase"),
                           ({"clean_epochs": 1}, "--clean-epochs")):
         with pytest.raises(CapsNetError, match=flag):
             check_settings(TrainConfig(val_size=16, **setting), data, torch.device("cpu"))
@@ -134,7 +135,7 @@ def test_multimnist_from_the_command_line(tmp_path, mnist, capsys):
     assert data.test_images.shape == (10000, 1, 36, 36)
     assert (data.test_labels[:, 0] == mnist.test_labels).all() and (data.test_labels[:, 0] != data.test_labels[:, 1]).all()
     run = tmp_path / "run"
-    code = main(["train", "--dataset", "multimnist", "-e", "1", "--limit", "256", "--val", "64", "-b", "64",
+    code = main(["train", "--dataset", "multimnist", "--recipe", "fast", "-e", "1", "--limit", "256", "--val", "64", "-b", "64",
                  "--save", str(run), "-q", "--device", "cpu"])
     assert code == 0
     summary = json.loads((run / "summary.json").read_text())

@@ -209,3 +209,13 @@ def test_paired_table_refuses_runs_that_do_not_pair_up(tmp_path, capsys):
     assert main(["report", str(tmp_path / "b-s2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "b-s2: not a finished run directory" in err[0]
+
+
+def test_a_data_set_s_own_settings_are_not_listed_as_changes():
+    from capsnet.config import TrainConfig, recipe_config, to_dict
+    from capsnet.report import recipe_label
+
+    multi = to_dict(recipe_config("fast", dataset="multimnist"))
+    assert recipe_label(multi) == "fast + dataset multimnist"
+    assert recipe_label({**multi, "lr": 2e-3}) == "fast + dataset multimnist, lr 0.002"
+    assert recipe_label(to_dict(TrainConfig(recipe="fast", lr=2e-3, epochs=9))) == "fast"

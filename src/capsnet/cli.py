@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a CapsNet; writes a run directory")
     t.add_argument("--recipe", choices=list(RECIPES), default=None,
                    help=f"named settings to start from: default ({TrainConfig.epochs} epochs), fast ({RECIPES['fast']['epochs']} "
-                        "epochs: under 40 minutes on a 2-core CPU), chainer (the Chainer port's); the flags below change them further")
+                        "epochs: under 40 minutes on a 2-core CPU), chainer (the Chainer port's); --dataset multimnist then sets "
+                        "its own learning rate and shift; the flags below change them further")
     t.add_argument("-e", "--epoch", type=_positive, default=None, help=f"epochs (default: the recipe's, {TrainConfig.epochs}; fast: {RECIPES['fast']['epochs']})")
     t.add_argument("-b", "--batchsize", type=_positive, default=None, help="batch size (default 64)")
     t.add_argument("-d", "--decay", type=_decay, default=None, help="learning-rate decay per epoch with --schedule exp (0.95)")
@@ -136,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weight of the reconstruction loss (sum of squared errors) beside the margin loss "
                         f"(default {TrainConfig.recon_weight:g}, the paper's)")
     t.add_argument("--shift", type=_non_negative, default=None,
-                   help="largest random shift of a training image, in pixels (default 2, the paper's; 0 = none; "
-                        "multimnist: of each digit, default 4, the paper's, at most 4)")
+                   help=f"largest random shift of a training image, in pixels (default {TrainConfig.max_shift}, the "
+                        f"paper's; 0 = none; multimnist: of each digit, default {DATASET_SETTINGS['multimnist']['max_shift']}, "
+                        "the paper's, at most 4 px: the room a 36x36 image leaves)")
     t.add_argument("--rotate", type=_degrees, default=None, metavar="DEG",
                    help="also rotate each training image at random by up to DEG degrees (default 0: not in the paper)")
     t.add_argument("--scale", type=_fraction, default=None, metavar="FRAC",

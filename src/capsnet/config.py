@@ -210,6 +210,6 @@ def recipe_config(name: str = "default", **overrides) -> TrainConfig:
     return TrainConfig(**{**RECIPES[name], **dataset, **overrides, "recipe": name})
 
 
-__all__ = ["ModelConfig", "TrainConfig", "to_dict", "from_dict", "RECIPES", "SCHEDULES", "COMPILE_MODES", "INITS",
+__all__ = ["ModelConfig", "TrainConfig", "to_dict", "from_dict", "RECIPES", "DATASET_SETTINGS", "SCHEDULES", "COMPILE_MODES", "INITS",
            "MAX_ELASTIC_SIGMA",
            "recipe_config", "recipe_model_settings", "RECIPE_MODELS"]

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from .config import LEGACY_TRAIN_SETTINGS, RECIPES, ModelConfig, recipe_config, to_dict
+from .config import LEGACY_TRAIN_SETTINGS, RECIPES, ModelConfig, TrainConfig, recipe_config, to_dict
 from .errors import CapsNetError
 
 # Settings left out of a run's recipe label: they don't change what is trained, or the tables give
@@ -77,11 +77,14 @@ def read_run(folder: Path) -> dict:
 
 def recipe_label(train: dict) -> str:
     """The run's named recipe and every setting its flags changed: 'default + max_rotation 10,
-    max_scale 0.1'. Settings a config.json lacks (runs older than the setting) are not compared."""
+    max_scale 0.1'. Settings a config.json lacks (runs older than the setting) are not compared.
+    A data set other than MNIST is named, and the settings it sets itself (config.DATASET_SETTINGS)
+    count as the recipe's, not as changes."""
     name = train.get("recipe", LEGACY_TRAIN_SETTINGS["recipe"])
     if name not in RECIPES:
         return name
-    recipe = to_dict(recipe_config(name))
+    recipe = to_dict(recipe_config(name, dataset=train.get("dataset", TrainConfig.dataset)))
+    recipe["dataset"] = TrainConfig.dataset
     changed = [f"{key} {train[key]:g}" if isinstance(train[key], float) else f"{key} {train[key]}"
                for key in recipe if key not in _NOT_RECIPE and key in train and train[key] != recipe[key]]
     changed = ["val_size 0 (all training images, no validation)" if c == "val_size 0" else c for c in changed]
