@@ -15,7 +15,7 @@ from .layers import DigitCaps, PrimaryCaps
 class CapsNetOutput(NamedTuple):
     lengths: torch.Tensor  # [b, j] |v_j|: the probability that class j is present
     poses: torch.Tensor  # [b, j, d] the digit capsules v_j
-    recon: torch.Tensor | None  # [b, c, h, w] decoder output, or None without a decoder
+    recon: torch.Tensor | None  # [b, c, h, w] decoder output ([b, m, c, h, w] for labels [b, m]), or None without a decoder
 
 
 class Decoder(nn.Module):

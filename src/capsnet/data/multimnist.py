@@ -2,8 +2,9 @@
 up to 4 pixels in each direction, overlaid on one 36x36 image.
 
 Nothing is downloaded beyond MNIST. The training loop pairs the training digits afresh every epoch
-(`overlay`, from the run's seed, shifting each digit by up to --shift px: 4 unless told); the validation and test pairs are drawn once from fixed seeds
-(`fixed_pairs`), so every run and every `capsnet evaluate` sees the same images. Where the two
+(`overlay`, from the run's seed, shifting each digit by up to --shift px: 4 unless told); the
+validation and test pairs are drawn once from fixed seeds (`fixed_pairs`), so every run and every
+`capsnet evaluate` sees the same images. Where the two
 digits overlap their intensities add, capped at 255 (our choice: the paper says "overlaying").
 The test set pairs each of MNIST's 10,000 test digits with one partner (the paper drew 1,000 per
 digit: 10M images); the training digits' partners come from the training digits alone.
