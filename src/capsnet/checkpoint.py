@@ -113,3 +113,10 @@ def load_model_and_dataset(path: Path | str):
     ckpt = load_checkpoint(path)
     name = ckpt.get("dataset", (ckpt.get("train_config") or {}).get("dataset"))  # model.pt; last.pt
     return build_model(ckpt, path).eval(), name if isinstance(name, str) else None
+
+
+def check_fits(model, data, load: Path | str) -> None:
+    """Refuse, in one line, data whose images are not the size and channels the model at `load` takes."""
+    if (model.cfg.in_channels, model.cfg.image_size) != (data.in_channels, data.image_size):
+        raise CapsNetError(f"{load}: the model takes {model.cfg.image_size}px images with {model.cfg.in_channels} "
+                           f"channel(s), and {data.name}'s are {data.image_size}px with {data.in_channels}")

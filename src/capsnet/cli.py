@@ -336,7 +336,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .checkpoint import load_model_and_dataset
+    from .checkpoint import check_fits, load_model_and_dataset
     from .config import TrainConfig
     from .data import class_names, load_dataset
     from .runtime import resolve_precision
@@ -348,9 +348,7 @@ def cmd_evaluate(args) -> int:
     held_out = _held_out_split(args.load) if args.split == "val" else None  # before the data is fetched
     dataset = args.dataset or _trained_on(args.load, recorded)
     data = load_dataset(dataset, args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
-    if (model.cfg.in_channels, model.cfg.image_size) != (data.in_channels, data.image_size):
-        raise CapsNetError(f"{args.load}: the model takes {model.cfg.image_size}px images with {model.cfg.in_channels} "
-                           f"channel(s), and {dataset}'s are {data.image_size}px with {data.in_channels}")
+    check_fits(model, data, args.load)
     if held_out is None:
         name, images, labels = "test", data.test_images, data.test_labels
     else:

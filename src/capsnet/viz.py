@@ -164,7 +164,7 @@ def multi_picture(model, data, precision: str):
     longest capsules (the longer in red, the other in green, yellow where both draw) and a caption row of
     those two classes, marked '!' where they are not the true ones."""
     from .runtime import autocast
-    from .train import matches, to_input
+    from .train import matches, to_input, top_classes
 
     device = next(model.parameters()).device
     blocks = []
@@ -173,7 +173,7 @@ def multi_picture(model, data, precision: str):
         images = to_input(data.test_images[first:first + MULTI_COLUMNS], device)  # [b, 1, h, w]
         with autocast(device, precision):
             poses = model.route(model.encode(images))
-            top = poses.norm(dim=-1).topk(2, dim=1).indices  # [b, 2], longest first
+            top = top_classes(poses.norm(dim=-1), 2)  # [b, 2], longest first
             recon = [model.reconstruct(poses, top[:, m]).float() for m in range(2)]  # 2 x [b, 1, h, w]
         rgb = torch.cat([recon[0], recon[1], torch.zeros_like(recon[0])], dim=1).cpu().numpy()  # [b, 3, h, w]
         right = matches(top.cpu(), labels).tolist()
@@ -188,15 +188,14 @@ def write_all(load: Path, data, out: Path, device: torch.device, precision: str 
     """Write vis.png, vis_all.png, vis_tweaked0..K.png and vis_errors.png (if the model makes any
     test errors) for the model at `load` (or `model`, already loaded from there); return their paths.
     For multimnist, vis_multi.png alone."""
-    from .checkpoint import load_model
+    from .checkpoint import check_fits, load_model
     from .runtime import resolve_precision
     from .train import to_input
 
     model = (model if model is not None else load_model(load)).to(device)
     if model.decoder is None:
         raise CapsNetError(f"{load}: this model was trained without reconstruction; there is no decoder to draw with")
-    if (model.cfg.in_channels, model.cfg.image_size) != (data.in_channels, data.image_size):
-        raise CapsNetError(f"{load}: the model expects {model.cfg.image_size}px images, the data has {data.image_size}")
+    check_fits(model, data, load)
     precision = resolve_precision(precision, device)  # refused here, before any picture is overwritten
     out = Path(out)
     if data.digits > 1:  # (one class per picture below)
