@@ -37,7 +37,7 @@ def debian_package(files: dict[str, bytes], skip: str = "") -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz") as tar:
         entries = [("./usr/share/doc/dataset-fashion-mnist/copyright", b"MIT\n")]
-        entries += [(f"./usr/share/datasets/fashion-mnist/{name}.gz", gzip.compress(raw))
+        entries += [(f"./usr/share/datasets/fashion-mnist/{name}.gz", gzip.compress(raw, mtime=0))  # the same bytes every run
                     for name, raw in files.items() if name != skip]
         for path, data in entries:
             info = tarfile.TarInfo(path)
@@ -136,7 +136,7 @@ def test_an_installed_package_is_copied_without_any_download(offline, monkeypatc
     installed = tmp_path / "usr-share"
     installed.mkdir()
     for name, raw in offline.items():
-        (installed / f"{name}.gz").write_bytes(gzip.compress(raw))
+        (installed / f"{name}.gz").write_bytes(gzip.compress(raw, mtime=0))  # the same bytes every run
     monkeypatch.setattr(fashion_mnist, "SYSTEM_FOLDER", installed)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no apt-get: a download would fail
     assert fashion_mnist.fetch(tmp_path / "cache", **QUIET) == offline
