@@ -151,7 +151,12 @@ def test_multimnist_from_the_command_line(tmp_path, mnist, capsys):
     from PIL import Image
 
     assert Image.open(run / "vis_multi.png").size[0] > 20 * 31
-    assert not (run / "vis_all.png").exists()
+    assert not (run / "vis_all.png").exists() and not (run / "vis.png").exists()  # (one class per image)
+    for k in range(10):  # a digit's capsule swept: 16 dimensions x 9 rows, in 31px tiles and 1px lines
+        assert Image.open(run / f"vis_tweaked{k}.png").size == (16 * 32 + 1, 9 * 32 + 1)
+    # vis_errors: the wrong pairs in vis_multi's layout, 20 columns per block, at most 100 pairs
+    wrong = summary["test_errors"]
+    assert wrong > 0 and Image.open(run / "vis_errors.png").size[0] == min(wrong, 20) * 32 + 1
     capsys.readouterr()
     assert main(["evaluate", "--load", str(run), "--per-class", "--device", "cpu"]) != 0
     err = capsys.readouterr().err

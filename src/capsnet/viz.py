@@ -7,7 +7,9 @@
 - vis_errors.png (ours): the test digits the model gets wrong, in test order, each over its
   reconstruction through the capsule that won and through the capsule of its true class.
 - vis_multi.png, for multimnist alone (the layout of the paper's Figure 5): test pairs, each over
-  its reconstructions through the two longest capsules, one in red and one in green.
+  its reconstructions through the two longest capsules, one in red and one in green. For
+  multimnist, vis_errors.png shows the pairs it gets wrong in that layout, and vis_tweakedK.png
+  the capsule of digit K in the first test pair that holds one.
 """
 from __future__ import annotations
 
@@ -83,10 +85,12 @@ def save_png(image, path: Path) -> Path:
 
 
 def pick_examples(labels: torch.Tensor, num_classes: int, per_class: int) -> torch.Tensor:
-    """Indices of the first `per_class` test images of each class, in class order."""
+    """Indices of the first `per_class` test images of each class, in class order. labels: [n], or
+    [n, m] for images of m digits (an image counts for each class it holds)."""
     picks = []
     for k in range(num_classes):
-        idx = (labels == k).nonzero().flatten()[:per_class]
+        holds = labels == k  # [n] or [n, m]
+        idx = (holds if holds.dim() == 1 else holds.any(dim=1)).nonzero().flatten()[:per_class]
         if len(idx) < per_class:
             raise CapsNetError(f"the test set has fewer than {per_class} images of class {k}")
         picks.append(idx)
@@ -158,19 +162,23 @@ MULTI_COLUMNS, MULTI_BLOCKS = 20, 2
 
 
 @torch.no_grad()
-def multi_picture(model, data, precision: str):
-    """vis_multi.png's image: the first MULTI_COLUMNS * MULTI_BLOCKS test pairs in blocks of columns, each
-    block a caption row of the true classes, the images (green), the reconstructions through the two
-    longest capsules (the longer in red, the other in green, yellow where both draw) and a caption row of
-    those two classes, marked '!' where they are not the true ones."""
+def multi_picture(model, data, precision: str, indices: torch.Tensor | None = None):
+    """vis_multi.png's image: the test pairs at `indices` (default: the first MULTI_COLUMNS *
+    MULTI_BLOCKS) in blocks of columns, each block a caption row of the true classes, the images
+    (green), the reconstructions through the two longest capsules (the longer in red, the other in
+    green, yellow where both draw) and a caption row of those two classes, marked '!' where they are
+    not the true ones."""
     from .runtime import autocast
     from .train import matches, to_input, top_classes
 
     device = next(model.parameters()).device
+    if indices is None:
+        indices = torch.arange(min(MULTI_COLUMNS * MULTI_BLOCKS, data.test_images.shape[0]))
     blocks = []
-    for first in range(0, min(MULTI_COLUMNS * MULTI_BLOCKS, data.test_images.shape[0]), MULTI_COLUMNS):
-        labels = data.test_labels[first:first + MULTI_COLUMNS]  # [b, 2]
-        images = to_input(data.test_images[first:first + MULTI_COLUMNS], device)  # [b, 1, h, w]
+    for first in range(0, len(indices), MULTI_COLUMNS):
+        idx = indices[first:first + MULTI_COLUMNS]
+        labels = data.test_labels[idx]  # [b, 2]
+        images = to_input(data.test_images[idx], device)  # [b, 1, h, w]
         with autocast(device, precision):
             poses = model.route(model.encode(images))
             top = top_classes(poses.norm(dim=-1), 2)  # [b, 2], longest first
@@ -187,7 +195,7 @@ def write_all(load: Path, data, out: Path, device: torch.device, precision: str 
               model=None) -> list[Path]:
     """Write vis.png, vis_all.png, vis_tweaked0..K.png and vis_errors.png (if the model makes any
     test errors) for the model at `load` (or `model`, already loaded from there); return their paths.
-    For multimnist, vis_multi.png alone."""
+    For multimnist, vis_multi.png, vis_tweaked0..K.png and vis_errors.png."""
     from .checkpoint import check_fits, load_model
     from .runtime import resolve_precision
     from .train import to_input
@@ -198,9 +206,17 @@ def write_all(load: Path, data, out: Path, device: torch.device, precision: str 
     check_fits(model, data, load)
     precision = resolve_precision(precision, device)  # refused here, before any picture is overwritten
     out = Path(out)
-    if data.digits > 1:  # (one class per picture below)
-        return [save_png(multi_picture(model, data, precision), out / "vis_multi.png")]
     k = model.cfg.num_classes
+    if data.digits > 1:  # pairs: vis.png and vis_all.png assume one class per image
+        paths = [save_png(multi_picture(model, data, precision), out / "vis_multi.png")]
+        idx = pick_examples(data.test_labels, k, 1)  # the first pair that holds each class
+        with torch.no_grad():
+            poses = model.route(model.encode(to_input(data.test_images[idx], device)))  # [k, k, d]
+        paths += tweak_pictures(model, poses, torch.arange(k), out)
+        wrong, _ = misclassified(model, data.test_images, data.test_labels, precision)
+        if len(wrong):
+            paths.append(save_png(multi_picture(model, data, precision, wrong[:MAX_ERRORS]), out / "vis_errors.png"))
+        return paths
     idx = pick_examples(data.test_labels, k, 2)
     images = to_input(data.test_images[idx], device)  # [2k, c, h, w]
     poses, recon_all = reconstructions(model, images)
@@ -210,12 +226,19 @@ def write_all(load: Path, data, out: Path, device: torch.device, precision: str 
     paths = [save_png(grid([real, [(im, BLUE) for im in own]]), out / "vis.png")]
     rows = [real] + [[(im, BLUE) for im in recon_all[j].cpu().numpy()] for j in range(k)]
     paths.append(save_png(grid(rows), out / "vis_all.png"))
-    for cls in range(k):
-        first = 2 * cls  # the first of its two examples
-        sweep = tweaks(model, poses[first, cls], cls).cpu().numpy()  # [rows, d, c, h, w]
-        rows = [[(im, GREEN if r == TWEAK_ROWS // 2 else BLUE) for im in sweep[r]] for r in range(TWEAK_ROWS)]
-        paths.append(save_png(grid(rows), out / f"vis_tweaked{cls}.png"))
+    paths += tweak_pictures(model, poses, torch.arange(0, 2 * k, 2), out)  # the first of each class's two
     picture, _ = error_picture(model, data, precision)
     if picture is not None:
         paths.append(save_png(picture, out / "vis_errors.png"))
+    return paths
+
+
+@torch.no_grad()
+def tweak_pictures(model, poses: torch.Tensor, example: torch.Tensor, out: Path) -> list[Path]:
+    """Write vis_tweaked0..K.png: for each class k, the pose poses[example[k], k] swept by tweaks."""
+    paths = []
+    for cls in range(poses.shape[1]):
+        sweep = tweaks(model, poses[example[cls], cls], cls).cpu().numpy()  # [rows, d, c, h, w]
+        rows = [[(im, GREEN if r == TWEAK_ROWS // 2 else BLUE) for im in sweep[r]] for r in range(TWEAK_ROWS)]
+        paths.append(save_png(grid(rows), out / f"vis_tweaked{cls}.png"))
     return paths
