@@ -1,5 +1,6 @@
 """MultiMNIST: the pairs, the two-object loss and accuracy, and a run through the command line."""
 import json
+import math
 
 import pytest
 import torch
@@ -150,13 +151,17 @@ def test_multimnist_from_the_command_line(tmp_path, mnist, capsys):
     assert main(["visualize", "--load", str(run), "--device", "cpu"]) == 0
     from PIL import Image
 
-    assert Image.open(run / "vis_multi.png").size[0] > 20 * 31
-    assert not (run / "vis_all.png").exists() and not (run / "vis.png").exists()  # (one class per image)
-    for k in range(10):  # a digit's capsule swept: 16 dimensions x 9 rows, in 31px tiles and 1px lines
-        assert Image.open(run / f"vis_tweaked{k}.png").size == (16 * 32 + 1, 9 * 32 + 1)
-    # vis_errors: the wrong pairs in vis_multi's layout, 20 columns per block, at most 100 pairs
-    wrong = summary["test_errors"]
-    assert wrong > 0 and Image.open(run / "vis_errors.png").size[0] == min(wrong, 20) * 32 + 1
+    names = ["vis_multi.png", "vis_errors.png"] + [f"vis_tweaked{k}.png" for k in range(10)]
+    assert sorted(p.name for p in run.glob("vis*.png")) == sorted(names)  # no vis.png or vis_all.png
+    tile = 32  # 31 px tile + 1 px line
+    for k in range(10):  # a digit's capsule swept: 16 dimensions x 9 rows
+        assert Image.open(run / f"vis_tweaked{k}.png").size == (16 * tile + 1, 9 * tile + 1)
+    # vis_errors: the first 100 wrong pairs in vis_multi's layout (blocks of 20 columns: the true
+    # classes, the images, the reconstructions, the chosen classes); vis_multi: the first 40 pairs
+    drawn = min(summary["test_errors"], 100)
+    assert drawn > 0
+    assert Image.open(run / "vis_errors.png").size == (min(drawn, 20) * tile + 1, math.ceil(drawn / 20) * 4 * tile + 1)
+    assert Image.open(run / "vis_multi.png").size == (20 * tile + 1, 2 * 4 * tile + 1)
     capsys.readouterr()
     assert main(["evaluate", "--load", str(run), "--per-class", "--device", "cpu"]) != 0
     err = capsys.readouterr().err
@@ -172,6 +177,17 @@ def test_multimnist_from_the_command_line(tmp_path, mnist, capsys):
     assert main(["evaluate", "--load", str(run), "--dataset", "mnist", "--device", "cpu"]) != 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the model takes 36px images" in err and "mnist's are 28px" in err, err
+
+
+def test_the_tweak_pictures_take_the_first_pair_holding_each_digit():
+    from capsnet.errors import CapsNetError
+    from capsnet.viz import pick_examples
+
+    labels = torch.tensor([[3, 1], [0, 2], [1, 0], [2, 3]])
+    assert pick_examples(labels, 4, 1).tolist() == [1, 0, 1, 0]
+    assert pick_examples(labels, 4, 2).tolist() == [1, 2, 0, 2, 1, 3, 0, 3]
+    with pytest.raises(CapsNetError, match="fewer than 1 images holding class 4"):
+        pick_examples(labels, 5, 1)
 
 
 def test_a_resumed_run_draws_the_same_pairs_as_a_straight_one(tmp_path):

@@ -26,8 +26,8 @@
 #   On an H200 on 2026-11-28 three at once ended 365-373 s into the call (--recon-weight 0.01); with
 #   DEADLINE 395 the guard, then projecting from epoch 4's pace alone, stopped one of three (--erase 4)
 #   that would have finished; it now waits for six epochs and takes the last three's pace. Give 430.
-#   On an H200 on 2026-11-29 six at once (three layer, three --compile-mode graphs) ran 5,100-5,200
-#   (layer) and 6,400-6,600 img/s (graphs) each: too slow for 50 epochs in one call.
+#   On an H200 on 2026-11-29 six at once (three layer, three --compile-mode graphs) ran 2,700-5,400
+#   (layer) and 6,300-7,000 img/s (graphs) each: too slow for 50 epochs in one call.
 #   dry run here:  OUT=/tmp/out DEVICE=cpu EXTRA="-e 1 --limit 640 --val 128" bash tools/device_runs.sh
 set -u
 T0=$SECONDS

@@ -8,8 +8,8 @@
   reconstruction through the capsule that won and through the capsule of its true class.
 - vis_multi.png, for multimnist alone (the layout of the paper's Figure 5): test pairs, each over
   its reconstructions through the two longest capsules, one in red and one in green. For
-  multimnist, vis_errors.png shows the pairs it gets wrong in that layout, and vis_tweakedK.png
-  the capsule of digit K in the first test pair that holds one.
+  multimnist, vis_errors.png shows the first 100 pairs it gets wrong in that layout, and
+  vis_tweakedK.png the capsule of digit K in the first test pair that holds one.
 """
 from __future__ import annotations
 
@@ -92,7 +92,8 @@ def pick_examples(labels: torch.Tensor, num_classes: int, per_class: int) -> tor
         holds = labels == k  # [n] or [n, m]
         idx = (holds if holds.dim() == 1 else holds.any(dim=1)).nonzero().flatten()[:per_class]
         if len(idx) < per_class:
-            raise CapsNetError(f"the test set has fewer than {per_class} images of class {k}")
+            what = "images of" if holds.dim() == 1 else "images holding"
+            raise CapsNetError(f"the test set has fewer than {per_class} {what} class {k}")
         picks.append(idx)
     return torch.cat(picks)
 
@@ -162,12 +163,14 @@ MULTI_COLUMNS, MULTI_BLOCKS = 20, 2
 
 
 @torch.no_grad()
-def multi_picture(model, data, precision: str, indices: torch.Tensor | None = None):
+def multi_picture(model, data, precision: str, indices: torch.Tensor | None = None,
+                  chosen: torch.Tensor | None = None):
     """vis_multi.png's image: the test pairs at `indices` (default: the first MULTI_COLUMNS *
     MULTI_BLOCKS) in blocks of columns, each block a caption row of the true classes, the images
     (green), the reconstructions through the two longest capsules (the longer in red, the other in
     green, yellow where both draw) and a caption row of those two classes, marked '!' where they are
-    not the true ones."""
+    not the true ones. chosen [len(indices), 2], if given, are those two classes as already counted
+    (vis_errors.png passes misclassified's, so the picture shows the very pairs counted wrong)."""
     from .runtime import autocast
     from .train import matches, to_input, top_classes
 
@@ -181,7 +184,8 @@ def multi_picture(model, data, precision: str, indices: torch.Tensor | None = No
         images = to_input(data.test_images[idx], device)  # [b, 1, h, w]
         with autocast(device, precision):
             poses = model.route(model.encode(images))
-            top = top_classes(poses.norm(dim=-1), 2)  # [b, 2], longest first
+            top = (top_classes(poses.norm(dim=-1), 2) if chosen is None  # [b, 2], longest first
+                   else chosen[first:first + MULTI_COLUMNS].to(device))
             recon = [model.reconstruct(poses, top[:, m]).float() for m in range(2)]  # 2 x [b, 1, h, w]
         rgb = torch.cat([recon[0], recon[1], torch.zeros_like(recon[0])], dim=1).cpu().numpy()  # [b, 3, h, w]
         right = matches(top.cpu(), labels).tolist()
@@ -208,14 +212,15 @@ def write_all(load: Path, data, out: Path, device: torch.device, precision: str 
     out = Path(out)
     k = model.cfg.num_classes
     if data.digits > 1:  # pairs: vis.png and vis_all.png assume one class per image
+        idx = pick_examples(data.test_labels, k, 1)  # the first pair that holds each class (or refused)
         paths = [save_png(multi_picture(model, data, precision), out / "vis_multi.png")]
-        idx = pick_examples(data.test_labels, k, 1)  # the first pair that holds each class
         with torch.no_grad():
             poses = model.route(model.encode(to_input(data.test_images[idx], device)))  # [k, k, d]
         paths += tweak_pictures(model, poses, torch.arange(k), out)
-        wrong, _ = misclassified(model, data.test_images, data.test_labels, precision)
-        if len(wrong):
-            paths.append(save_png(multi_picture(model, data, precision, wrong[:MAX_ERRORS]), out / "vis_errors.png"))
+        wrong, chosen = misclassified(model, data.test_images, data.test_labels, precision)
+        if len(wrong):  # (at most MAX_ERRORS drawn)
+            picture = multi_picture(model, data, precision, wrong[:MAX_ERRORS], chosen[:MAX_ERRORS])
+            paths.append(save_png(picture, out / "vis_errors.png"))
         return paths
     idx = pick_examples(data.test_labels, k, 2)
     images = to_input(data.test_images[idx], device)  # [2k, c, h, w]
