@@ -114,6 +114,17 @@ def test_seeds_are_pooled_per_recipe_and_architecture(tmp_path, capsys):
                       "99.50% (n=1) | 99.50% (n=1) |")
 
 
+def test_the_architecture_column_counts_routing_iterations_in_words(tmp_path, capsys):
+    for name, iters in (("a", 1), ("b", 2)):
+        _fake_run(tmp_path / name, 1, 0.9960, 0.9960)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        config["model"]["routing_iters"] = iters
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    assert main(["report", "--seeds", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    columns = [line.split(" | ")[1] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert columns == ["1 routing iteration", "2 routing iterations"]
+
+
 def test_runs_whose_flags_changed_the_recipe_are_pooled_apart(tmp_path, capsys):
     _fake_run(tmp_path / "a", 1, 0.9960, 0.9964, lr=1e-3, max_rotation=0.0)  # the recipe's own values
     _fake_run(tmp_path / "b", 1, 0.9970, 0.9970, lr=1e-3, max_rotation=10.0, max_scale=0.1)

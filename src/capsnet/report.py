@@ -132,7 +132,8 @@ def _mean_std(values: list[float]) -> str:
 
 def _architecture(r: dict) -> str:
     """The paper's architecture, or what differs from it (settings a config.json lacks: as the paper)."""
-    changes = [(r["routing_iters"] != 3, f"{r['routing_iters']} routing iterations"),
+    iters = r["routing_iters"]
+    changes = [(iters != 3, f"{iters} routing iteration{'' if iters == 1 else 's'}"),
                (r["reconstruct"] is False, "no reconstruction"),
                (r["shared_weights"], "shared matrices"),
                (r["leaky_relu"], "leaky ReLU"),
