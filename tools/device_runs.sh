@@ -97,13 +97,17 @@ while :; do
     line="[$now s]"; for n in "${NAMES[@]}"; do line="$line $n: $(epochs_done "$n")/$(total_epochs "$n")"; done; echo "$line"
     # If the first run still going will miss the deadline at its pace over its last three epochs
     # (judged once it has six: the first epochs of runs sharing a card ran up to a third slower
-    # than the rest on 2026-11-28), stop the last run still going (the others speed up).
+    # than the rest on 2026-11-28), stop the run still going that is furthest from done: the fewest
+    # epochs finished, the later in JOBS on a tie (the others speed up). Until 2026-11-30 it stopped
+    # the last in JOBS order, which on 2026-11-29 was a run at 38 of 50 epochs.
     [ ${#alive[@]} -eq 0 ] && { sleep 2; continue; }
     lead=${alive[0]}
     left=$(python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print(round((int(sys.argv[2])-r[-1]['epoch'])*(r[-1]['elapsed']-r[-4]['elapsed'])/3) if len(r)>=6 else -1)" "$RUNS/$lead/metrics.jsonl" "$(total_epochs "$lead")" 2>/dev/null || echo -1)
     if (( ${GUARD:-1} == 1 && ${#PENDING[@]} == 0 && ${#alive[@]} > 1 && left >= 0 && now - last_kill > 60 && now + left > DEADLINE )); then
-      victim=${alive[-1]}; last_kill=$now
-      echo "[$now s] $lead projected to end at $((now + left))s > ${DEADLINE}s: stopping $victim"; kill "${PID[$victim]}"
+      victim=${alive[-1]}
+      for n in "${alive[@]}"; do (( $(epochs_done "$n") < $(epochs_done "$victim") )) && victim=$n; done
+      last_kill=$now
+      echo "[$now s] $lead projected to end at $((now + left))s > ${DEADLINE}s: stopping $victim after $(epochs_done "$victim") epochs"; kill "${PID[$victim]}"
     fi
   fi
   sleep 2
