@@ -266,6 +266,52 @@ def test_resume_cannot_end_a_run_before_where_it_stopped(trained_run, tmp_path, 
     assert_one_line_error(code, err, "has trained 2 epochs already", "-e 1")
 
 
+def test_a_damaged_training_state_is_refused_in_one_line_and_the_run_kept(trained_run, tmp_path, capsys):
+    from capsnet.checkpoint import load_checkpoint
+    from capsnet.files import atomic_torch_save
+
+    good = load_checkpoint(trained_run / "last.pt")
+    damages = {  # what a hand-edited or foreign last.pt might hold, and what the one line must name
+        "no train_config": (lambda s: s.pop("train_config"), "'train_config' is missing"),
+        "settings a string": (lambda s: s.update(train_config="fast"), "'train_config' is missing or not a dict"),
+        "no optimizer": (lambda s: s.pop("optimizer"), "'optimizer' is missing"),
+        "no average": (lambda s: s.pop("average"), "no average is saved"),
+        "epoch as text": (lambda s: s.update(epoch="1"), "'epoch' is missing or not a int"),
+        "zero epochs": (lambda s: s["train_config"].update(epochs=0), "epochs must be at least 1"),
+        "lr as text": (lambda s: s["train_config"].update(lr="fast"), "its settings"),
+        "other width": (lambda s: s["model_config"].update(conv_channels=128), "size mismatch for conv1"),
+        "float rng": (lambda s: s.update(rng_cpu=torch.zeros(3)), "random state"),
+        "version as text": (lambda s: s.update(version="x"), "format version is 'x', not a number"),
+    }
+    for case, (damage, needle) in damages.items():
+        run = tmp_path / case.replace(" ", "-")
+        run.mkdir()
+        for name in ("config.json", "metrics.jsonl"):
+            (run / name).write_bytes((trained_run / name).read_bytes())
+        state = load_checkpoint(trained_run / "last.pt")
+        damage(state)
+        atomic_torch_save(state, run / "last.pt")
+        before = {p.name: p.read_bytes() for p in run.iterdir()}
+        code, _, err = run_cli(capsys, "train", "--resume", str(run), "--device", "cpu", "-q")
+        assert_one_line_error(code, err, "last.pt", needle)
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before, case
+    assert good["epoch"] == 1  # (the damages were made to copies)
+
+
+def test_a_run_that_saved_no_epoch_says_how_to_start_again(trained_run, tmp_path, capsys):
+    run = tmp_path / "cut"  # as Ctrl-C in the first epoch leaves it
+    run.mkdir()
+    (run / "config.json").write_bytes((trained_run / "config.json").read_bytes())
+    (run / "metrics.jsonl").write_bytes(b"")
+    code, _, err = run_cli(capsys, "train", "--resume", str(run))
+    assert_one_line_error(code, err, "stopped before its first epoch ended", f"--save {run} --force")
+    code, _, err = run_cli(capsys, "train", "-e", "1", "--save", str(run))
+    assert_one_line_error(code, err, "already holds a run that saved no epoch", "--force")
+    assert "--resume" not in err
+    code, _, err = run_cli(capsys, "train", "--resume", str(trained_run / "last.pt"))
+    assert_one_line_error(code, err, "--resume takes the run's folder")
+
+
 def test_resume_with_another_architecture_is_refused(trained_run, capsys):
     code, _, err = run_cli(capsys, "train", "--resume", str(trained_run), "--shared-weights", "-e", "2")
     assert_one_line_error(code, err, "shared_weights=False", "--shared-weights")
@@ -355,6 +401,10 @@ def test_resume_refuses_another_recipe(trained_run, capsys):
     (["train", "--rotate", "much"], "rotate: invalid number value: 'much'"),
     (["evaluate", "--load", "/nonexistent/run", "--routing-iters", "two"], "routing-iters: invalid whole number"),
     (["train", "--lr", "inf"], "lr: must be a finite number"),
+    (["train", "-s", "99999999999999"], "seed: must be between 0 and 4294967295"),
+    (["train", "-s", "-1"], "seed: must be between 0 and 4294967295"),
+    (["train", "-e", "1", "--shift", "14"], "--shift 14 could move what its 28x28 images show out of them; give 0 to 13 px"),
+    (["train", "-e", "1", "--erase", "29"], "--erase 29 is wider than its 28x28 images"),
     (["train", "--elastic", "inf"], "elastic: must be a finite number"),
     (["train", "--elastic-sigma", "inf"], "elastic-sigma: must be a finite number"),
     (["train", "--elastic-sigma", "1e12"], "elastic-sigma: must be at most 100 pixels"),
@@ -538,3 +588,19 @@ def test_the_prepared_device_jobs_are_valid_train_commands():
         for name, *flags in lines:
             args = build_parser().parse_args(["train", *flags])  # exits (fails the test) on a bad flag
             assert args.seed is not None, f"{path.name}: {name} names no seed"
+
+
+def test_evaluating_on_another_data_set_than_the_model_was_trained_on_is_said(trained_run, tmp_path, capsys):
+    from capsnet.checkpoint import load_checkpoint
+    from capsnet.files import atomic_torch_save
+
+    ckpt = load_checkpoint(trained_run / "model.pt")
+    assert ckpt["dataset"] == "mnist"
+    code, out, err = run_cli(capsys, "evaluate", "--load", str(trained_run), "--dataset", "mnist", "--device", "cpu")
+    assert code == 0 and "note:" not in err  # the data set it was trained on: nothing to say
+    ckpt["dataset"] = "fashion-mnist"  # as if trained on Fashion-MNIST (images of the same size)
+    other = tmp_path / "fashion.pt"
+    atomic_torch_save(ckpt, other)
+    code, out, err = run_cli(capsys, "evaluate", "--load", str(other), "--dataset", "mnist", "--device", "cpu")
+    assert code == 0 and out.startswith("test accuracy")
+    assert f"note: {other} was trained on fashion-mnist; testing it on mnist as asked" in err

@@ -36,3 +36,23 @@ def test_new_files_get_the_umask_permissions_and_old_files_keep_theirs(tmp_path)
         assert stat.S_IMODE(private.stat().st_mode) == 0o600
     finally:
         os.umask(old_umask)
+
+
+def test_a_failed_write_names_the_file_asked_for_not_the_temporary(tmp_path, monkeypatch):
+    import errno
+
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as caught:  # a folder where the file should go
+        atomic_write(folder, b"x")
+    assert caught.value.filename == str(folder)
+
+    def full(fd):  # a full disk: the error carries no file name at all
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    target = tmp_path / "summary.json"
+    with pytest.raises(OSError) as caught:
+        atomic_write(target, b"{}")
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(target))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temporary left behind

@@ -230,3 +230,38 @@ def test_a_data_set_s_own_settings_are_not_listed_as_changes():
     assert recipe_label(multi) == "fast + dataset multimnist"
     assert recipe_label({**multi, "lr": 2e-3}) == "fast + dataset multimnist, lr 0.002"
     assert recipe_label(to_dict(TrainConfig(recipe="fast", lr=2e-3, epochs=9))) == "fast"
+
+
+def test_well_formed_json_that_is_not_a_run_log_is_refused_in_one_line(tmp_path, capsys):
+    """Hand-edited or foreign logs: valid JSON of the wrong shape names its file and entry."""
+    edits = {  # file: (what it holds instead, what the one line names)
+        "config-list": ("config.json", lambda c: [], "config.json: not a JSON object"),
+        "train-list": ("config.json", lambda c: {**c, "train": [1]}, "'train' is not an object"),
+        "recipe-list": ("config.json", lambda c: {**c, "train": {**c["train"], "recipe": ["x"]}}, "train.recipe is"),
+        "argv-numbers": ("config.json", lambda c: {**c, "argv": [1, 2]}, "'argv' is not a list of words"),
+        "commit-number": ("config.json", lambda c: {**c, "git_commit": 12345}, "'git_commit' is not text"),
+        "summary-empty": ("summary.json", lambda s: {}, "'test_acc' is missing or not a number"),
+        "accuracy-text": ("summary.json", lambda s: {**s, "test_acc": "high"}, "'test_acc' is missing or not"),
+        "wall-text": ("summary.json", lambda s: {**s, "wall_seconds": "x"}, "'wall_seconds' is not a number"),
+        "record-short": ("metrics.jsonl", lambda r: [{"epoch": 1}], "line 1: 'seconds' is missing"),
+        "record-number": ("metrics.jsonl", lambda r: [5], "line 1 is not a JSON object"),
+        "record-nan": ("metrics.jsonl", lambda r: [{**r[0], "val_acc": float("nan")}], "line 1: 'val_acc' is not"),
+    }
+    for name, (file, edit, needle) in edits.items():
+        run = tmp_path / name
+        _fake_run(run, 789, 0.99, 0.99)
+        if file == "metrics.jsonl":
+            records = [json.loads(line) for line in (run / file).read_text().splitlines()]
+            (run / file).write_text("".join(json.dumps(r) + "\n" for r in edit(records)))
+        else:
+            (run / file).write_text(json.dumps(edit(json.loads((run / file).read_text()))))
+        for flags in ([], ["--seeds"]):
+            assert main(["report", *flags, str(run)]) == 2, name
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"{run / file}: " in err[0] and needle in err[0], (name, err)
+    spec = tmp_path / "tried.json"  # a pair whose sides are not lists is named, not walked letter by letter
+    _fake_run(tmp_path / "a-s1", 1, 0.9950, 0.9950)
+    spec.write_text(json.dumps([{"change": "x", "recipe": "r", "outcome": "o", "with": "a-s1", "without": ["a-s1"]}]))
+    assert main(["report", "--results", str(tmp_path), "--paired", str(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "with and without as lists of run folders" in err[0]

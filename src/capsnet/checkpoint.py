@@ -30,8 +30,11 @@ def load_checkpoint(path: Path) -> dict:
         raise CapsNetError(f"{path}: not a capsnet checkpoint{_why_unreadable(exc)}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CapsNetError(f"{path}: not a capsnet checkpoint")
-    if obj.get("version", 0) > VERSION:
-        raise CapsNetError(f"{path}: written by a newer capsnet (format version {obj['version']})")
+    version = obj.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CapsNetError(f"{path}: not a capsnet checkpoint (its format version is {version!r}, not a number)")
+    if version > VERSION:
+        raise CapsNetError(f"{path}: written by a newer capsnet (format version {version})")
     return obj
 
 
@@ -48,6 +51,8 @@ def _why_unreadable(exc: Exception) -> str:
     if isinstance(exc, EOFError) or not text.strip():
         return " (empty or cut short)"
     first = text.strip().splitlines()[0].split(". ")[0]
+    if not any(c.isalpha() for c in first):  # e.g. a KeyError's bare number: it would mean nothing to a reader
+        return " (not a PyTorch file, or a damaged one)"
     return f" or corrupt ({first[:160]})"
 
 
@@ -82,10 +87,20 @@ def build_model(ckpt: dict, path: Path | str = "checkpoint"):
         cfg = from_dict(ModelConfig, ckpt["model_config"])
         model = CapsNet(cfg)
         model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CapsNetError(f"{path}: weights do not fit the architecture it describes ({first[:160]})") from None
+    except KeyError as exc:
+        raise CapsNetError(f"{path}: not a whole capsnet checkpoint (it holds no {exc.args[0]!r})") from None
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise CapsNetError(f"{path}: weights do not fit the architecture it describes ({first_reason(exc)})") from None
     return model
+
+
+def first_reason(exc: Exception) -> str:
+    """The first informative line of an exception's message, shortened: PyTorch's load_state_dict
+    opens with 'Error(s) in loading state_dict for CapsNet:' and gives the reason on the next line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    while len(lines) > 1 and lines[0].endswith(":"):
+        lines = lines[1:]
+    return (lines or [type(exc).__name__])[0][:160]
 
 
 def checkpoint_file(path: Path | str) -> Path:

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
-from .config import COMPILE_MODES, DATASET_SETTINGS, DATASETS, INITS, MAX_ELASTIC_SIGMA, RECIPES, SCHEDULES, ModelConfig, TrainConfig
+from .config import COMPILE_MODES, DATASET_SETTINGS, DATASETS, INITS, MAX_ELASTIC_SIGMA, MAX_SEED, RECIPES, SCHEDULES, ModelConfig, TrainConfig
 from .errors import CapsNetError
 
 # Model flags: None means "not given", so --resume can tell a conflicting flag from a default.
@@ -73,6 +73,13 @@ def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {value}")
     return value
 
 
@@ -161,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cosine: per step down to the floor by the last epoch (default); exp: x decay per epoch")
     t.add_argument("--ema", type=_fraction, default=None, metavar="DECAY",
                    help="evaluate and save a moving average of the weights (default 0.999; 0 = off)")
-    t.add_argument("-s", "--seed", type=int, default=None, help="random seed (default 789)")
+    t.add_argument("-s", "--seed", type=_seed, default=None, help="random seed (default 789)")
     t.add_argument("--save", type=Path, default=None, help="run directory (default runs/<dataset>)")
     t.add_argument("--resume", type=Path, default=None, help="continue the run in this directory")
     t.add_argument("--force", action="store_true", help="start over in a --save directory that holds a run")
@@ -289,7 +296,7 @@ def cmd_train(args) -> int:
             raise CapsNetError("--save and --resume name different directories; a resumed run stays where it is")
         run_dir = args.run_dir = args.resume  # args.run_dir: for the Ctrl-C message (main)
         state = resume_state(run_dir)
-        model_cfg, cfg = configs_from_state(state)
+        model_cfg, cfg = configs_from_state(state, run_dir / "last.pt")
         if args.recipe is not None and args.recipe != cfg.recipe:
             raise CapsNetError(f"{run_dir}: the run was started with --recipe {cfg.recipe}; it cannot switch to "
                                f"--recipe {args.recipe}")
@@ -349,6 +356,8 @@ def cmd_evaluate(args) -> int:
     dataset = args.dataset or _trained_on(args.load, recorded)
     data = load_dataset(dataset, args.data_dir, log=lambda *a: print(*a, file=sys.stderr))
     check_fits(model, data, args.load)
+    if recorded is not None and dataset != recorded:  # allowed (images of the same size), but said
+        print(f"note: {args.load} was trained on {recorded}; testing it on {dataset} as asked", file=sys.stderr)
     if held_out is None:
         name, images, labels = "test", data.test_images, data.test_labels
     else:

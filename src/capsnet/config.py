@@ -132,9 +132,12 @@ class TrainConfig:
             raise ValueError(f"erase must be 0 (off) or a square's width in pixels, got {self.erase}")
         if not 0.0 <= self.max_scale < 1.0:
             raise ValueError(f"max_scale must be in [0, 1), got {self.max_scale}")
+        if not 0 <= self.seed <= MAX_SEED:  # (each epoch's stream is seeded from seed * 1,000,003: int64)
+            raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
 
 
 SCHEDULES = ("exp", "cosine")
+MAX_SEED = 2**32 - 1
 MAX_ELASTIC_SIGMA = 100.0  # pixels: a blur far wider than the image only makes a smaller shift
 INITS = ("default", "authors")
 COMPILE_MODES = ("layer", "model", "graphs")
@@ -211,5 +214,5 @@ def recipe_config(name: str = "default", **overrides) -> TrainConfig:
 
 
 __all__ = ["ModelConfig", "TrainConfig", "to_dict", "from_dict", "RECIPES", "DATASET_SETTINGS", "SCHEDULES", "COMPILE_MODES", "INITS",
-           "MAX_ELASTIC_SIGMA",
+           "MAX_ELASTIC_SIGMA", "MAX_SEED",
            "recipe_config", "recipe_model_settings", "RECIPE_MODELS"]

@@ -6,6 +6,7 @@ docs/results/) holds config.json, metrics.jsonl and summary.json; nothing else i
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def read_run(folder: Path) -> dict:
         records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as exc:  # ValueError: not JSON, or not text (UnicodeDecodeError)
         raise CapsNetError(f"{folder}: not a finished run directory ({exc})") from None
+    _check_run_files(folder, config, summary, records)
     train = config.get("train", {})
     model = config.get("model", {})
     final_acc, final_errors = summary.get("final_test_acc"), summary.get("final_test_errors")
@@ -73,6 +75,54 @@ def read_run(folder: Path) -> dict:
         "init": model.get("init"),
         "records": records,
     }
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_scalar(value) -> bool:
+    return value is None or isinstance(value, (str, bool)) or _is_number(value)
+
+
+def _check_run_files(folder: Path, config, summary, records: list) -> None:
+    """Refuse, in one line naming the file and the entry, logs whose JSON is well formed but not what
+    `capsnet train` writes (edited by hand, cut and pasted, or from another program)."""
+    def bad(name: str, what: str):
+        raise CapsNetError(f"{folder / name}: {what} (not as capsnet train writes it)")
+
+    if not isinstance(config, dict):
+        bad("config.json", "not a JSON object")
+    for part in ("train", "model"):
+        settings = config.get(part, {})
+        if not isinstance(settings, dict):
+            bad("config.json", f"{part!r} is not an object")
+        for key, value in settings.items():
+            if not (_is_scalar(value) or part == "model" and isinstance(value, list) and all(map(_is_number, value))):
+                bad("config.json", f"{part}.{key} is {value!r:.40}")
+    argv = config.get("argv")
+    if argv is not None and not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+        bad("config.json", "'argv' is not a list of words")
+    for key in ("git_commit", "device_name", "precision"):
+        if not isinstance(config.get(key), (str, type(None))):
+            bad("config.json", f"{key!r} is not text")
+    if not isinstance(summary, dict):
+        bad("summary.json", "not a JSON object")
+    for key in ("test_acc", "test_errors"):
+        if not _is_number(summary.get(key)):
+            bad("summary.json", f"{key!r} is missing or not a number")
+    for key in ("final_test_acc", "final_test_errors", "val_acc", "wall_seconds", "selected_epoch", "test_images"):
+        if summary.get(key) is not None and not _is_number(summary[key]):
+            bad("summary.json", f"{key!r} is not a number")
+    for line, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            bad("metrics.jsonl", f"line {line} is not a JSON object")
+        for key in ("epoch", "seconds", "img_s"):
+            if not _is_number(record.get(key)):
+                bad("metrics.jsonl", f"line {line}: {key!r} is missing or not a finite number")
+        for key in ("train_loss", "train_acc", "val_acc", "test_acc", "lr"):
+            if record.get(key) is not None and not _is_number(record[key]):
+                bad("metrics.jsonl", f"line {line}: {key!r} is not a finite number")
 
 
 def recipe_label(train: dict) -> str:
@@ -212,12 +262,15 @@ def paired_table(changes: list[dict], root: Path) -> str:
     folders relative to root (docs/results/tried.json). A pair whose seeds differ is an error."""
     rows = []
     for change in changes:
-        try:
-            label, recipe, outcome = change["change"], change["recipe"], change["outcome"]
-            with_runs = [read_run(Path(root) / f) for f in change["with"]]
-            without_runs = [read_run(Path(root) / f) for f in change["without"]]
-        except (KeyError, TypeError):
-            raise CapsNetError(f"each change needs change, recipe, with, without and outcome: {change!r:.120}") from None
+        fields = ("change", "recipe", "with", "without", "outcome")
+        if (not isinstance(change, dict) or any(key not in change for key in fields)
+                or not all(isinstance(change[side], list) and all(isinstance(f, str) for f in change[side])
+                           for side in ("with", "without"))):
+            raise CapsNetError(f"each change needs change, recipe, outcome, and with and without as lists of "
+                               f"run folders: {change!r:.120}")
+        label, recipe, outcome = change["change"], change["recipe"], change["outcome"]
+        with_runs = [read_run(Path(root) / f) for f in change["with"]]
+        without_runs = [read_run(Path(root) / f) for f in change["without"]]
         seeds = [r["seed"] for r in with_runs]
         if not seeds or seeds != [r["seed"] for r in without_runs]:
             raise CapsNetError(f"{label}: the runs with and without it must pair up seed for seed "

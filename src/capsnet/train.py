@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .checkpoint import load_checkpoint, model_payload, train_state_payload
+from .checkpoint import first_reason, load_checkpoint, model_payload, train_state_payload
 from .config import COMPILE_MODES, LEGACY_TRAIN_SETTINGS, ModelConfig, TrainConfig, from_dict, to_dict
 from .averaging import WeightAverage
 from .data import Dataset, multimnist
@@ -269,6 +269,9 @@ def prepare_run_dir(run_dir: Path, *, force: bool) -> list[str]:
         raise CapsNetError(f"{run_dir}: exists and is not a directory")
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if existing and not force:
+        if "last.pt" not in existing:  # stopped (or failed) before its first epoch ended: nothing to resume
+            raise CapsNetError(f"{run_dir}: already holds a run that saved no epoch ({', '.join(existing)}); "
+                               f"use --force to start over")
         raise CapsNetError(f"{run_dir}: already holds a run ({', '.join(existing)}); use --resume {run_dir} "
                            f"to continue it or --force to start over")
     try:
@@ -301,6 +304,13 @@ def check_settings(cfg: TrainConfig, data: Dataset, device: torch.device, dist: 
         if not 0 <= cfg.max_shift <= multimnist.MAX_SHIFT:
             raise CapsNetError(f"{data.name}: its {multimnist.SIZE}x{multimnist.SIZE} images leave room for "
                                f"--shift 0 to {multimnist.MAX_SHIFT}, not {cfg.max_shift}")
+    else:  # a shift of half the image or more can move the digit out of it; a square wider than it blanks it
+        size = data.image_size
+        if cfg.max_shift >= size // 2:
+            raise CapsNetError(f"{data.name}: --shift {cfg.max_shift} could move what its {size}x{size} images show "
+                               f"out of them; give 0 to {size // 2 - 1} px")
+        if cfg.erase > size:
+            raise CapsNetError(f"{data.name}: --erase {cfg.erase} is wider than its {size}x{size} images")
     resolve_precision(cfg.precision, device)
     train_x, train_y, _, _ = split_validation(data.subset(cfg.limit), cfg.val_size)
     if data.digits > 1:
@@ -433,13 +443,17 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start_epoch, best, elapsed = 0, {"val_acc": -1.0, "epoch": 0}, 0.0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if average is not None:
-            average.load_state_dict(resume["average"])
-        start_epoch, best = resume["epoch"], dict(resume["best"])
-        elapsed = float(resume.get("elapsed", 0.0))
-        torch.set_rng_state(resume["rng_cpu"])
+        try:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            if average is not None:
+                average.load_state_dict(resume["average"])
+            start_epoch, best = resume["epoch"], dict(resume["best"])
+            elapsed = float(resume.get("elapsed", 0.0))
+            torch.set_rng_state(resume["rng_cpu"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CapsNetError(f"{run_dir / 'last.pt'}: its saved state does not fit the run it describes "
+                               f"({first_reason(exc)})") from None
     evaluated = average.model if average is not None else model  # what validation, test and model.pt see
     started = time.perf_counter() - elapsed  # wall time of the run, carried across resumes
     if cfg.compile:
@@ -485,8 +499,8 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, data: Dataset, run_dir: Path, 
         result = train_one_epoch(trainee, optimizer, train_x, train_y, cfg, epoch, precision, progress, dist=dist,
                                  average=average, overlay=data.digits > 1)
         if not math.isfinite(result.loss):
-            raise CapsNetError(f"training diverged at epoch {epoch + 1} (loss {result.loss}); last.pt keeps "
-                               f"epoch {epoch}")
+            saved = f"last.pt keeps epoch {epoch}" if epoch else "no epoch had finished, so nothing was saved"
+            raise CapsNetError(f"training diverged at epoch {epoch + 1} (loss {result.loss}); {saved}")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, model)
         if not main:
@@ -563,17 +577,36 @@ def _test(ckpt: dict, path: Path, data: Dataset, cfg: TrainConfig, device: torch
 
 
 def resume_state(run_dir: Path) -> dict:
-    """last.pt of a run directory, checked."""
+    """last.pt of a run directory, checked: every part `fit` reads is there and of its kind."""
+    if run_dir.is_file():
+        raise CapsNetError(f"{run_dir}: --resume takes the run's folder ({run_dir.parent}), not a file in it")
     if not run_dir.is_dir():
         raise CapsNetError(f"{run_dir}: no such run directory")
-    ckpt = load_checkpoint(run_dir / "last.pt")
+    path = run_dir / "last.pt"
+    if not path.exists() and (run_dir / "config.json").exists():
+        raise CapsNetError(f"{run_dir}: the run stopped before its first epoch ended, so there is nothing to "
+                           f"resume; start it again with --save {run_dir} --force")
+    ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "train-state":
-        raise CapsNetError(f"{run_dir / 'last.pt'}: holds no training state to resume from")
+        raise CapsNetError(f"{path}: holds no training state to resume from")
+    parts = {"epoch": int, "model_config": dict, "train_config": dict, "model": dict, "optimizer": dict,
+             "best": dict, "rng_cpu": torch.Tensor}
+    for name, kind in parts.items():
+        value = ckpt.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CapsNetError(f"{path}: damaged training state ({name!r} is missing or not a {kind.__name__})")
+    if ckpt["epoch"] < 0 or ckpt["rng_cpu"].dtype != torch.uint8 or not isinstance(ckpt["best"].get("epoch"), int):
+        raise CapsNetError(f"{path}: damaged training state (its epoch, best epoch or random state)")
     return ckpt
 
 
-
-
-def configs_from_state(ckpt: dict) -> tuple[ModelConfig, TrainConfig]:
+def configs_from_state(ckpt: dict, path: Path | str = "last.pt") -> tuple[ModelConfig, TrainConfig]:
+    """The architecture and training settings a last.pt was saved with (checked as the flags are)."""
     train = {**LEGACY_TRAIN_SETTINGS, **ckpt["train_config"]}
-    return from_dict(ModelConfig, ckpt["model_config"]), from_dict(TrainConfig, train)
+    try:
+        model_cfg, cfg = from_dict(ModelConfig, ckpt["model_config"]), from_dict(TrainConfig, train)
+    except (TypeError, ValueError) as exc:
+        raise CapsNetError(f"{path}: damaged training state (its settings: {first_reason(exc)})") from None
+    if cfg.ema_decay > 0 and not isinstance(ckpt.get("average"), dict):
+        raise CapsNetError(f"{path}: damaged training state (the run averages its weights, and no average is saved)")
+    return model_cfg, cfg
