@@ -310,6 +310,10 @@ def test_a_run_that_saved_no_epoch_says_how_to_start_again(trained_run, tmp_path
     assert "--resume" not in err
     code, _, err = run_cli(capsys, "train", "--resume", str(trained_run / "last.pt"))
     assert_one_line_error(code, err, "--resume takes the run's folder")
+    before = (trained_run / "config.json").read_bytes()
+    code, _, err = run_cli(capsys, "train", "--resume", str(trained_run))  # finished and tested
+    assert_one_line_error(code, err, "has finished its 1 epoch and been tested", "capsnet evaluate --load")
+    assert (trained_run / "config.json").read_bytes() == before  # no resume recorded
 
 
 def test_resume_with_another_architecture_is_refused(trained_run, capsys):
@@ -403,6 +407,9 @@ def test_resume_refuses_another_recipe(trained_run, capsys):
     (["train", "--lr", "inf"], "lr: must be a finite number"),
     (["train", "-s", "99999999999999"], "seed: must be between 0 and 4294967295"),
     (["train", "-s", "-1"], "seed: must be between 0 and 4294967295"),
+    (["train", "--save", ""], "save: must name a file or folder, got an empty path"),
+    (["evaluate", "--load", " "], "load: must name a file or folder, got an empty path"),
+    (["train", "--resume", "/nonexistent/run", "--force"], "--force starts a run over and --resume continues one"),
     (["train", "-e", "1", "--shift", "14"], "--shift 14 could move what its 28x28 images show out of them; give 0 to 13 px"),
     (["train", "-e", "1", "--erase", "29"], "--erase 29 is wider than its 28x28 images"),
     (["train", "--elastic", "inf"], "elastic: must be a finite number"),

@@ -71,8 +71,9 @@ def test_wrong_checksum_is_one_clear_error(tmp_path):
     folder = tmp_path / "mnist"
     folder.mkdir()
     (folder / "t10k-labels-idx1-ubyte").write_bytes(encode_idx(np.zeros(10000, np.uint8)))
-    with pytest.raises(CapsNetError, match="t10k-labels-idx1-ubyte: checksum mismatch"):
+    with pytest.raises(CapsNetError, match="t10k-labels-idx1-ubyte: checksum mismatch") as caught:
         mnist.fetch(tmp_path, log=lambda *a: None)
+    assert f"the copy in {folder} is damaged: delete it, and capsnet fetches it again" in str(caught.value)
 
 
 def test_a_damaged_gzip_body_is_one_clear_error(tmp_path):

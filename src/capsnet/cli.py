@@ -76,6 +76,12 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _path(text: str) -> Path:
+    if not text.strip():  # Path("") is the current folder: a run or pictures would land there unasked
+        raise argparse.ArgumentTypeError("must name a file or folder, got an empty path")
+    return Path(text)
+
+
 def _seed(text: str) -> int:
     value = int(text)
     if not 0 <= value <= MAX_SEED:
@@ -169,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema", type=_fraction, default=None, metavar="DECAY",
                    help="evaluate and save a moving average of the weights (default 0.999; 0 = off)")
     t.add_argument("-s", "--seed", type=_seed, default=None, help="random seed (default 789)")
-    t.add_argument("--save", type=Path, default=None, help="run directory (default runs/<dataset>)")
-    t.add_argument("--resume", type=Path, default=None, help="continue the run in this directory")
+    t.add_argument("--save", type=_path, default=None, help="run directory (default runs/<dataset>)")
+    t.add_argument("--resume", type=_path, default=None, help="continue the run in this directory")
     t.add_argument("--force", action="store_true", help="start over in a --save directory that holds a run")
     t.add_argument("--limit", type=_non_negative, default=None, help="use only the first N training images")
     t.add_argument("--val", type=_non_negative, default=None, help="images held out for validation (default 5000)")
@@ -206,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(t)
 
     e = sub.add_parser("evaluate", help="test (or validation) accuracy of a trained model")
-    e.add_argument("--load", type=Path, required=True, help="run directory or checkpoint")
+    e.add_argument("--load", type=_path, required=True, help="run directory or checkpoint")
     e.add_argument("--split", choices=("test", "val"), default="test",
                    help="test (default), or val: the images the run held out to choose its model "
                         "(read from the run directory's config.json)")
@@ -219,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(e)
 
     v = sub.add_parser("visualize", help="reconstruction pictures of a trained model")
-    v.add_argument("--load", type=Path, required=True, help="run directory or checkpoint")
-    v.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: the run directory)")
+    v.add_argument("--load", type=_path, required=True, help="run directory or checkpoint")
+    v.add_argument("--out", type=_path, default=None, help="folder for the PNGs (default: the run directory)")
     _trained_dataset_arg(v)
     _device_args(v)
 
@@ -292,6 +298,8 @@ def cmd_train(args) -> int:
     model_overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
 
     if args.resume is not None:
+        if args.force:
+            raise CapsNetError("--force starts a run over and --resume continues one: give one of them")
         if args.save is not None and args.save.resolve() != args.resume.resolve():
             raise CapsNetError("--save and --resume name different directories; a resumed run stays where it is")
         run_dir = args.run_dir = args.resume  # args.run_dir: for the Ctrl-C message (main)
@@ -312,6 +320,9 @@ def cmd_train(args) -> int:
         if cfg.epochs < state["epoch"]:
             raise CapsNetError(f"{run_dir}: the run has trained {state['epoch']} epochs already; -e {cfg.epochs} "
                                f"would end it before where it stopped")
+        if cfg.epochs == state["epoch"] and (run_dir / "summary.json").exists():
+            raise CapsNetError(f"{run_dir}: the run has finished its {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''} and been tested; "
+                               f"`capsnet evaluate --load {run_dir}` tests it again")
         old_files = []
     else:
         state = None

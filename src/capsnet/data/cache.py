@@ -98,7 +98,11 @@ def fetch_files(folder: Path, checksums: dict[str, str], title: str, download: D
     for name, expected in checksums.items():
         raw = read_local(folder, name)
         if raw is not None:
-            found[name] = verify(name, raw, expected)
+            try:
+                found[name] = verify(name, raw, expected)
+            except CapsNetError as exc:  # a damaged copy in the cache: say where it is and what to do
+                raise CapsNetError(f"{exc}; the copy in {folder} is damaged: delete it, and capsnet fetches "
+                                   f"it again") from None
             if not (folder / name).exists():  # only a .gz was there: keep the raw file beside it
                 atomic_write(folder / name, raw)
     missing = [name for name in checksums if name not in found]
