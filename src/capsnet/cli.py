@@ -320,12 +320,14 @@ def cmd_train(args) -> int:
         if cfg.epochs < state["epoch"]:
             raise CapsNetError(f"{run_dir}: the run has trained {state['epoch']} epochs already; -e {cfg.epochs} "
                                f"would end it before where it stopped")
-        if cfg.epochs == state["epoch"] and (run_dir / "summary.json").exists():
-            raise CapsNetError(f"{run_dir}: the run has finished its {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''} and been tested; "
-                               f"`capsnet evaluate --load {run_dir}` tests it again")
+        # Finished and tested: nothing to train (a second `make train` only redraws the pictures)
+        finished = cfg.epochs == state["epoch"] and (run_dir / "summary.json").exists()
+        if finished and dist.is_main and not args.quiet:
+            print(f"{run_dir}: finished its {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''} and was tested "
+                  f"already; nothing to train (`capsnet evaluate --load {run_dir}` tests it again)")
         old_files = []
     else:
-        state = None
+        state, finished = None, False
         cfg = recipe_config(args.recipe or "default", **train_overrides)
         run_dir = args.save or Path("runs") / cfg.dataset
         args.run_dir = run_dir
@@ -342,7 +344,8 @@ def cmd_train(args) -> int:
         raise CapsNetError("--visualize draws with the decoder, and --no-reconstruct trains none")
     check_settings(cfg, data, device, dist)
     remove_run_files(run_dir, old_files)
-    fit(model_cfg, cfg, data, run_dir, device, resume=state, argv=sys.argv[1:], verbose=not args.quiet, dist=dist)
+    if not finished:
+        fit(model_cfg, cfg, data, run_dir, device, resume=state, argv=sys.argv[1:], verbose=not args.quiet, dist=dist)
     close_distributed()
     if args.visualize and dist.is_main:
         from .viz import write_all
