@@ -19,9 +19,10 @@ setup: $(STAMP)
 data: setup
 	$(BIN)/capsnet data
 
-# A second `make train` resumes the run where it stopped (or just redraws a finished one).
+# A second `make train` resumes the run where it stopped (or just redraws a finished one);
+# TRAIN_ARGS=--force starts it over.
 train: data
-	@if [ -f $(RUN)/last.pt ]; then \
+	@if [ -f $(RUN)/last.pt ] && ! echo " $(TRAIN_ARGS) " | grep -q -e " --force "; then \
 		$(BIN)/capsnet train --resume $(RUN) --visualize $(TRAIN_ARGS); \
 	else \
 		$(BIN)/capsnet train --save $(RUN) --visualize $(TRAIN_ARGS); \

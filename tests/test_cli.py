@@ -273,10 +273,10 @@ def test_a_damaged_training_state_is_refused_in_one_line_and_the_run_kept(traine
     good = load_checkpoint(trained_run / "last.pt")
     damages = {  # what a hand-edited or foreign last.pt might hold, and what the one line must name
         "no train_config": (lambda s: s.pop("train_config"), "'train_config' is missing"),
-        "settings a string": (lambda s: s.update(train_config="fast"), "'train_config' is missing or not a dict"),
+        "settings a string": (lambda s: s.update(train_config="fast"), "'train_config' is missing or not a mapping"),
         "no optimizer": (lambda s: s.pop("optimizer"), "'optimizer' is missing"),
         "no average": (lambda s: s.pop("average"), "no average is saved"),
-        "epoch as text": (lambda s: s.update(epoch="1"), "'epoch' is missing or not a int"),
+        "epoch as text": (lambda s: s.update(epoch="1"), "'epoch' is missing or not a whole number"),
         "zero epochs": (lambda s: s["train_config"].update(epochs=0), "epochs must be at least 1"),
         "lr as text": (lambda s: s["train_config"].update(lr="fast"), "its settings"),
         "other width": (lambda s: s["model_config"].update(conv_channels=128), "size mismatch for conv1"),
@@ -295,7 +295,7 @@ def test_a_damaged_training_state_is_refused_in_one_line_and_the_run_kept(traine
         code, _, err = run_cli(capsys, "train", "--resume", str(run), "--device", "cpu", "-q")
         assert_one_line_error(code, err, "last.pt", needle)
         assert {p.name: p.read_bytes() for p in run.iterdir()} == before, case
-    assert good["epoch"] == 1  # (the damages were made to copies)
+    assert load_checkpoint(trained_run / "last.pt")["epoch"] == good["epoch"] == 1  # (damages made to copies)
 
 
 def test_a_run_that_saved_no_epoch_says_how_to_start_again(trained_run, tmp_path, capsys):
@@ -310,6 +310,15 @@ def test_a_run_that_saved_no_epoch_says_how_to_start_again(trained_run, tmp_path
     assert "--resume" not in err
     code, _, err = run_cli(capsys, "train", "--resume", str(trained_run / "last.pt"))
     assert_one_line_error(code, err, "--resume takes the run's folder")
+    logged = tmp_path / "logged"  # epochs logged, last.pt gone (deleted to save space): no --force advice
+    logged.mkdir()
+    for name in ("config.json", "metrics.jsonl", "summary.json"):
+        (logged / name).write_bytes((trained_run / name).read_bytes())
+    code, _, err = run_cli(capsys, "train", "--resume", str(logged))
+    assert_one_line_error(code, err, "last.pt: no such checkpoint, so the run cannot continue")
+    assert "--force" not in err
+    code, _, err = run_cli(capsys, "train", "-e", "1", "--save", str(logged))
+    assert_one_line_error(code, err, "with no last.pt to continue from; use --force to start over")
     before = {p.name: p.read_bytes() for p in trained_run.iterdir() if p.is_file()}
     code, out, err = run_cli(capsys, "train", "--resume", str(trained_run), "--device", "cpu")  # finished, tested
     assert code == 0 and err == ""
@@ -418,7 +427,8 @@ def test_resume_refuses_another_recipe(trained_run, capsys):
     (["train", "--elastic-sigma", "inf"], "elastic-sigma: must be a finite number"),
     (["train", "--elastic-sigma", "1e12"], "elastic-sigma: must be at most 100 pixels"),
 ])
-def test_bad_input_gives_one_line(capsys, argv, needle):
+def test_bad_input_gives_one_line(capsys, argv, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default run directory (runs/mnist) would be made
     code, _, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, needle)
 

@@ -46,6 +46,10 @@ def test_a_failed_write_names_the_file_asked_for_not_the_temporary(tmp_path, mon
     with pytest.raises(IsADirectoryError) as caught:  # a folder where the file should go
         atomic_write(folder, b"x")
     assert caught.value.filename == str(folder)
+    monkeypatch.chdir(tmp_path)  # a relative path too (the temporary's own name is absolute)
+    with pytest.raises(IsADirectoryError) as caught:
+        atomic_write("taken", b"x")
+    assert caught.value.filename == "taken"
 
     def full(fd):  # a full disk: the error carries no file name at all
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -104,8 +104,8 @@ while :; do
     lead=${alive[0]}
     left=$(python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print(round((int(sys.argv[2])-r[-1]['epoch'])*(r[-1]['elapsed']-r[-4]['elapsed'])/3) if len(r)>=6 else -1)" "$RUNS/$lead/metrics.jsonl" "$(total_epochs "$lead")" 2>/dev/null || echo -1)
     if (( ${GUARD:-1} == 1 && ${#PENDING[@]} == 0 && ${#alive[@]} > 1 && left >= 0 && now - last_kill > 60 && now + left > DEADLINE )); then
-      victim=${alive[-1]}
-      for n in "${alive[@]}"; do (( $(epochs_done "$n") < $(epochs_done "$victim") )) && victim=$n; done
+      victim=${alive[0]}
+      for n in "${alive[@]}"; do (( $(epochs_done "$n") <= $(epochs_done "$victim") )) && victim=$n; done
       last_kill=$now
       echo "[$now s] $lead projected to end at $((now + left))s > ${DEADLINE}s: stopping $victim after $(epochs_done "$victim") epochs"; kill "${PID[$victim]}"
     fi

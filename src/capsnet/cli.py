@@ -99,14 +99,14 @@ def _degrees(text: str) -> float:
 # argparse names a value it cannot read by its type's __name__: "invalid whole number value: 'x'"
 for _type, _kind in ((_positive, "whole number"), (_non_negative, "whole number"), (_positive_float, "number"),
                      (_non_negative_float, "number"), (_blur_sd, "number"), (_decay, "number"), (_fraction, "number"),
-                     (_degrees, "number")):
+                     (_degrees, "number"), (_seed, "whole number")):
     _type.__name__ = _kind
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-g", "--gpu", type=int, default=None, help="GPU index, -1 for the CPU (the seed's flag)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--data-dir", type=Path, default=None, help="data cache (default $CAPSNET_DATA or ~/.cache/capsnet)")
+    p.add_argument("--data-dir", type=_path, default=None, help="data cache (default $CAPSNET_DATA or ~/.cache/capsnet)")
     p.add_argument("--precision", default=None, help="auto (default: bf16 where fast), bf16, fp32 or tf32")
 
 
@@ -249,21 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="a markdown table of finished runs (as in the README)")
     r.add_argument("runs", nargs="*", type=Path, help="run directories (default: every run under --results)")
-    r.add_argument("--results", type=Path, default=Path("docs/results"))
+    r.add_argument("--results", type=_path, default=Path("docs/results"))
     r.add_argument("--ablation", action="store_true",
                    help="the architecture-switch table instead (with --seeds: one row per switch setting)")
     r.add_argument("--seeds", action="store_true",
                    help="pool runs that differ only in their seed: mean and standard deviation per recipe")
-    r.add_argument("--curves", type=Path, default=None, metavar="PNG",
+    r.add_argument("--curves", type=_path, default=None, metavar="PNG",
                    help="also draw the runs' training curves into this PNG (needs matplotlib)")
-    r.add_argument("--paired", type=Path, default=None, metavar="JSON",
+    r.add_argument("--paired", type=_path, default=None, metavar="JSON",
                    help="changes beside their twins without them, seed for seed, from a JSON list "
                         "(docs/results/tried.json; its folders relative to --results)")
 
     d = sub.add_parser("data", help="fetch and verify a data set into the cache")
     d.add_argument("--dataset", choices=DATASETS, default="mnist",
                    help="mnist (default), fashion-mnist, or multimnist (made from MNIST: fetches MNIST)")
-    d.add_argument("--data-dir", type=Path, default=None, help="data cache (default $CAPSNET_DATA or ~/.cache/capsnet)")
+    d.add_argument("--data-dir", type=_path, default=None, help="data cache (default $CAPSNET_DATA or ~/.cache/capsnet)")
     return parser
 
 
@@ -271,6 +271,16 @@ def _device(args):
     from .runtime import resolve_device
 
     return resolve_device(args.device, args.gpu)
+
+
+def _tested_at(run_dir: Path) -> int | None:
+    """The epoch whose final model a run's summary.json tested (None: no summary, or one that cannot
+    say): a run extended with -e and stopped before its new test keeps an older summary."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        return summary.get("final_epoch") if isinstance(summary, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def cmd_train(args) -> int:
@@ -321,7 +331,7 @@ def cmd_train(args) -> int:
             raise CapsNetError(f"{run_dir}: the run has trained {state['epoch']} epochs already; -e {cfg.epochs} "
                                f"would end it before where it stopped")
         # Finished and tested: nothing to train (a second `make train` only redraws the pictures)
-        finished = cfg.epochs == state["epoch"] and (run_dir / "summary.json").exists()
+        finished = cfg.epochs == state["epoch"] and _tested_at(run_dir) == state["epoch"]
         if finished and dist.is_main and not args.quiet:
             print(f"{run_dir}: finished its {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''} and was tested "
                   f"already; nothing to train (`capsnet evaluate --load {run_dir}` tests it again)")

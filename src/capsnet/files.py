@@ -34,7 +34,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     except OSError as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if exc.errno is not None and (exc.filename is None or str(exc.filename).startswith(str(path.parent / prefix))):
+        if exc.errno is not None and (exc.filename is None or os.path.basename(exc.filename).startswith(prefix)):
             # name the file the caller asked for, not the hidden temporary one (or none: a full disk)
             raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise

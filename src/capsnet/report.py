@@ -114,13 +114,16 @@ def _check_run_files(folder: Path, config, summary, records: list) -> None:
     for key in ("final_test_acc", "final_test_errors", "val_acc", "wall_seconds", "selected_epoch", "test_images"):
         if summary.get(key) is not None and not _is_number(summary[key]):
             bad("summary.json", f"{key!r} is not a number")
+    if records and isinstance(records[-1], dict) and "test_acc" in records[-1] and not _is_number(
+            summary.get("test_images")) and summary.get("final_test_acc") is None:
+        bad("summary.json", "'test_images' is missing or not a number")  # (counts the last epoch's test errors)
     for line, record in enumerate(records, 1):
         if not isinstance(record, dict):
             bad("metrics.jsonl", f"line {line} is not a JSON object")
-        for key in ("epoch", "seconds", "img_s"):
+        for key in ("epoch", "seconds", "img_s", "train_loss"):
             if not _is_number(record.get(key)):
                 bad("metrics.jsonl", f"line {line}: {key!r} is missing or not a finite number")
-        for key in ("train_loss", "train_acc", "val_acc", "test_acc", "lr"):
+        for key in ("train_acc", "val_acc", "test_acc", "lr"):
             if record.get(key) is not None and not _is_number(record[key]):
                 bad("metrics.jsonl", f"line {line}: {key!r} is not a finite number")
 

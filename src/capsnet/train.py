@@ -269,9 +269,12 @@ def prepare_run_dir(run_dir: Path, *, force: bool) -> list[str]:
         raise CapsNetError(f"{run_dir}: exists and is not a directory")
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if existing and not force:
-        if "last.pt" not in existing:  # stopped (or failed) before its first epoch ended: nothing to resume
+        if not saved_anything(run_dir):  # stopped (or failed) before its first epoch ended
             raise CapsNetError(f"{run_dir}: already holds a run that saved no epoch ({', '.join(existing)}); "
                                f"use --force to start over")
+        if "last.pt" not in existing:  # logs (and models) without the state to continue from
+            raise CapsNetError(f"{run_dir}: already holds a run ({', '.join(existing)}) with no last.pt to "
+                               f"continue from; use --force to start over")
         raise CapsNetError(f"{run_dir}: already holds a run ({', '.join(existing)}); use --resume {run_dir} "
                            f"to continue it or --force to start over")
     try:
@@ -282,6 +285,17 @@ def prepare_run_dir(run_dir: Path, *, force: bool) -> list[str]:
     except OSError as exc:
         raise CapsNetError(f"{run_dir}: cannot write there ({exc.strerror or exc})") from None
     return existing
+
+
+def saved_anything(run_dir: Path) -> bool:
+    """Whether a run directory holds a logged epoch, a checkpoint or a test result (not only the
+    config.json and empty metrics.jsonl of a run stopped in its first epoch)."""
+    if any((run_dir / name).exists() for name in ("last.pt", "model.pt", "final.pt", "summary.json")):
+        return True
+    try:
+        return bool((run_dir / "metrics.jsonl").read_text().strip())
+    except (OSError, ValueError):
+        return (run_dir / "metrics.jsonl").exists()
 
 
 def remove_run_files(run_dir: Path, names: list[str]) -> None:
@@ -584,17 +598,20 @@ def resume_state(run_dir: Path) -> dict:
         raise CapsNetError(f"{run_dir}: no such run directory")
     path = run_dir / "last.pt"
     if not path.exists() and (run_dir / "config.json").exists():
-        raise CapsNetError(f"{run_dir}: the run stopped before its first epoch ended, so there is nothing to "
-                           f"resume; start it again with --save {run_dir} --force")
+        if not saved_anything(run_dir):
+            raise CapsNetError(f"{run_dir}: the run stopped before its first epoch ended, so there is nothing to "
+                               f"resume; start it again with --save {run_dir} --force")
+        raise CapsNetError(f"{path}: no such checkpoint, so the run cannot continue (its logs and models stay)")
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "train-state":
         raise CapsNetError(f"{path}: holds no training state to resume from")
-    parts = {"epoch": int, "model_config": dict, "train_config": dict, "model": dict, "optimizer": dict,
-             "best": dict, "rng_cpu": torch.Tensor}
-    for name, kind in parts.items():
+    parts = {"epoch": (int, "whole number"), "model_config": (dict, "mapping"), "train_config": (dict, "mapping"),
+             "model": (dict, "mapping"), "optimizer": (dict, "mapping"), "best": (dict, "mapping"),
+             "rng_cpu": (torch.Tensor, "tensor")}
+    for name, (kind, words) in parts.items():
         value = ckpt.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise CapsNetError(f"{path}: damaged training state ({name!r} is missing or not a {kind.__name__})")
+            raise CapsNetError(f"{path}: damaged training state ({name!r} is missing or not a {words})")
     if ckpt["epoch"] < 0 or ckpt["rng_cpu"].dtype != torch.uint8 or not isinstance(ckpt["best"].get("epoch"), int):
         raise CapsNetError(f"{path}: damaged training state (its epoch, best epoch or random state)")
     return ckpt
@@ -606,7 +623,7 @@ def configs_from_state(ckpt: dict, path: Path | str = "last.pt") -> tuple[ModelC
     try:
         model_cfg, cfg = from_dict(ModelConfig, ckpt["model_config"]), from_dict(TrainConfig, train)
     except (TypeError, ValueError) as exc:
-        raise CapsNetError(f"{path}: damaged training state (its settings: {first_reason(exc)})") from None
+        raise CapsNetError(f"{path}: its settings fail this version's checks ({first_reason(exc)})") from None
     if cfg.ema_decay > 0 and not isinstance(ckpt.get("average"), dict):
         raise CapsNetError(f"{path}: damaged training state (the run averages its weights, and no average is saved)")
     return model_cfg, cfg
