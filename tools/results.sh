@@ -14,12 +14,12 @@ default=("$R"/default-h200-s*)
 # the same for 12 epochs; fast-r32: u_hat and the routing in float32; fast-clean1: its last epoch unshifted;
 # fast-e13: 13 epochs on the Intel VM; fast-intel: the fast recipe as it is, on the Intel VM;
 # fashion-fast: the fast recipe on Fashion-MNIST; multimnist-fast-e6: six epochs of it on MultiMNIST,
-# multimnist-fast-e6-r1: the same with one routing iteration)
+# multimnist-fast-e6-r1: the same with one routing iteration; multimnist-fast: its own nine epochs)
 recipes=("${default[@]}" "$R/default-s789" "$R/default-s790" "$R/default-r32-s789" "$R/default-elastic-s789" "$R"/default-val0-h200-s* "$R"/default-aff-h100-s* "$R/default-leaky-h200-s792"
          "$R"/default-rw10-h200-s* "$R"/default-erase4-h200-s* "$R"/default-affr32-h200-s*
          "$R"/fast-lr2-s* "$R/fast-s789" "$R/fast-s790" "$R"/fast-fz2-s* "$R"/fast-fz2e12-s*
          "$R"/fast-r32-s* "$R"/fast-clean1-s* "$R"/fast-e13-s* "$R"/fast-intel-s*
-         "$R"/fashion-fast-s* "$R"/multimnist-fast-e6-s* "$R"/multimnist-fast-e6-r1-s*)
+         "$R"/fashion-fast-s* "$R"/multimnist-fast-e6-s* "$R"/multimnist-fast-e6-r1-s* "$R"/multimnist-fast-s*)
 echo "## pooled over seeds"
 "${capsnet[@]}" report --seeds "${recipes[@]}"
 echo
